@@ -1,0 +1,410 @@
+#!/usr/bin/env bash
+# A real single-node Slurm cluster (plus Open MPI) on this machine, for CI and tests.
+#
+# Usage: scripts/local_cluster.sh {install|start|stop|status|selftest} [DIR]
+#
+#   install         apt-get the packages, only if a needed binary is missing
+#   start [DIR]     start munged, slurmctld and slurmd; prints `export SLURM_CONF=...`
+#   stop [DIR]      stop the slurmd/slurmctld started from DIR (munged is left running)
+#   status [DIR]    exit 0 if the cluster in DIR is up, 3 if not
+#   selftest [DIR]  run a 4-task sbatch/srun job and a 4-rank mpirun, check the results
+#
+# DIR (default $PCTX_SLURM_DIR or /tmp/pctx-slurm) holds slurm.conf, pid files, state, spool
+# and logs, so nothing outside DIR is touched except /etc/munge and /run/munge.
+# Only `export SLURM_CONF=...` goes to stdout, so callers can do
+#   eval "$(scripts/local_cluster.sh start)"
+#
+# Environment knobs: PCTX_SLURM_DIR, PCTX_SLURM_START_TIMEOUT (s, default 60),
+# PCTX_SLURM_CTLD_PORT / PCTX_SLURMD_PORT (default 6817/6818; change them to run two
+# clusters side by side).
+set -euo pipefail
+
+# Daemons live in /usr/sbin, which non-login shells (CI runners) do not always have on PATH.
+export PATH="$PATH:/usr/sbin:/sbin"
+
+readonly PACKAGES=(slurmd slurmctld slurm-client munge openmpi-bin)
+readonly BINARIES=(slurmctld slurmd slurmstepd sbatch srun sinfo squeue scancel munged munge mpirun)
+readonly START_TIMEOUT=${PCTX_SLURM_START_TIMEOUT:-60}
+readonly CTLD_PORT=${PCTX_SLURM_CTLD_PORT:-6817}
+readonly SLURMD_PORT=${PCTX_SLURMD_PORT:-6818}
+# slurmd names itself after the short hostname, so NodeName must be exactly that.
+NODE=$(hostname -s)
+readonly NODE
+
+log() { echo "[local_cluster] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+need_root() {
+    # SlurmUser/SlurmdUser are root and munged must be started as the munge user.
+    [[ $EUID -eq 0 ]] || die "'$1' must run as root"
+}
+
+set_dir() {
+    # Absolute paths: slurm.conf is read by daemons whose cwd is not ours.
+    DIR=$(realpath -m "${1:-${PCTX_SLURM_DIR:-/tmp/pctx-slurm}}")
+    CONF="$DIR/slurm.conf"
+    export SLURM_CONF="$CONF"
+}
+
+# Serialise start/stop on one DIR: CI and a test session may both call `start`.
+lock_dir() {
+    mkdir -p "$DIR"
+    exec 9>"$DIR/.lock"
+    flock -w 180 9 || die "timed out waiting for lock $DIR/.lock"
+}
+
+# ---------------------------------------------------------------------------------------
+# install
+
+cmd_install() {
+    local missing=() b
+    for b in "${BINARIES[@]}"; do
+        command -v "$b" >/dev/null 2>&1 || missing+=("$b")
+    done
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        log "all binaries present, nothing to install"
+        return 0
+    fi
+    need_root install
+    log "missing: ${missing[*]}; installing ${PACKAGES[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Another apt-get (e.g. a provisioning step) may hold the dpkg lock: wait for it
+    # instead of failing straight away.
+    local apt=(apt-get -o DPkg::Lock::Timeout=600 -o Dpkg::Options::=--force-confdef
+               -o Dpkg::Options::=--force-confold)
+    "${apt[@]}" update -qq
+    "${apt[@]}" install -y -qq "${PACKAGES[@]}"
+    for b in "${BINARIES[@]}"; do
+        command -v "$b" >/dev/null 2>&1 || die "$b still missing after install"
+    done
+}
+
+# ---------------------------------------------------------------------------------------
+# munge
+
+munge_ok() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
+
+start_munge() {
+    if munge_ok; then
+        return 0
+    fi
+    local key=/etc/munge/munge.key
+    install -d -o munge -g munge -m 0700 /etc/munge
+    if [[ ! -s $key ]]; then
+        log "creating $key"
+        (umask 0277 && dd if=/dev/urandom of="$key" bs=1024 count=1 status=none)
+    fi
+    # munged refuses to start if the key or its directories are group/world accessible.
+    chown munge:munge "$key"
+    chmod 0400 "$key"
+    # /run is a tmpfs without systemd-tmpfiles here, so the socket dir has to be made.
+    install -d -o munge -g munge -m 0755 /run/munge
+    [[ -d /var/lib/munge ]] || install -d -o munge -g munge -m 0711 /var/lib/munge
+    [[ -d /var/log/munge ]] || install -d -o munge -g munge -m 0700 /var/log/munge
+    log "starting munged"
+    # 9>&-: do not hand our lock fd to a daemon, or it would hold the lock forever.
+    runuser -u munge -- munged 9>&- </dev/null >/dev/null 2>>"$DIR/log/munged.err"
+    local i
+    for ((i = 0; i < 50; i++)); do
+        munge_ok && return 0
+        sleep 0.2
+    done
+    tail -n 30 /var/log/munge/munged.log >&2 2>/dev/null || true
+    die "munged did not come up"
+}
+
+# ---------------------------------------------------------------------------------------
+# slurm daemons
+
+write_conf() {
+    # NodeAddr/SlurmctldHost pin 127.0.0.1 so nothing depends on how the hostname resolves.
+    # CPUs=8 on a 2-core box is allowed by SlurmdParameters=config_overrides and lets tests
+    # run several tasks per node; OverSubscribe=YES lets jobs share the node.
+    cat <<EOF
+# Generated by scripts/local_cluster.sh; rewritten on every start.
+ClusterName=pctx
+SlurmctldHost=${NODE}(127.0.0.1)
+SlurmctldPort=${CTLD_PORT}
+SlurmdPort=${SLURMD_PORT}
+AuthType=auth/munge
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+# Debian ships no mailer; without this slurmctld logs an error on every start.
+MailProg=/bin/true
+SlurmdParameters=config_overrides
+ReturnToService=2
+InactiveLimit=0
+KillWait=5
+MinJobAge=60
+StateSaveLocation=${DIR}/state
+SlurmdSpoolDir=${DIR}/spool
+SlurmctldPidFile=${DIR}/slurmctld.pid
+SlurmdPidFile=${DIR}/slurmd.pid
+SlurmctldLogFile=${DIR}/log/slurmctld.log
+SlurmdLogFile=${DIR}/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+NodeName=${NODE} NodeAddr=127.0.0.1 CPUs=8 State=UNKNOWN
+PartitionName=pctx Nodes=${NODE} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+EOF
+}
+
+# Prints the pid of daemon $1 if its pid file points at a live process of that name.
+# Checking the name guards against killing an unrelated process that reused the pid.
+daemon_pid() {
+    local name=$1 pidfile="$DIR/$1.pid" pid
+    [[ -s $pidfile ]] || return 1
+    pid=$(<"$pidfile")
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    [[ -r /proc/$pid/comm && $(<"/proc/$pid/comm") == "$name" ]] || return 1
+    echo "$pid"
+}
+
+node_state() {
+    timeout 10 sinfo -h -N -n "$NODE" -o %t 2>/dev/null | head -n1 | tr -d '*~#!%$@^-'
+}
+
+node_up() {
+    case "$(node_state)" in
+        idle | mix | alloc) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+dump_logs() {
+    local f
+    for f in "$DIR"/log/*.err "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log"; do
+        [[ -s $f ]] || continue
+        echo "----- $f (last 60 lines) -----" >&2
+        tail -n 60 "$f" >&2
+    done
+}
+
+stop_daemon() {
+    local name=$1 pid i
+    if ! pid=$(daemon_pid "$name"); then
+        rm -f "$DIR/$name.pid"
+        return 0
+    fi
+    log "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.2
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "$name did not exit after 20 s, killing"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$DIR/$name.pid"
+}
+
+stop_cluster() {
+    # Cancel leftover jobs first: killing slurmd alone would orphan their slurmstepd.
+    if daemon_pid slurmctld >/dev/null; then
+        local jobs
+        jobs=$(timeout 10 squeue -h -o %i 2>/dev/null || true)
+        if [[ -n $jobs ]]; then
+            log "cancelling jobs: ${jobs//$'\n'/ }"
+            # shellcheck disable=SC2086
+            timeout 10 scancel $jobs 2>/dev/null || true
+            sleep 1
+        fi
+    fi
+    stop_daemon slurmd
+    stop_daemon slurmctld
+}
+
+port_busy() {
+    ss -Htln "sport = :$1" 2>/dev/null | grep -q .
+}
+
+cmd_start() {
+    need_root start
+    lock_dir
+    local new_conf
+    new_conf=$(write_conf)
+
+    if daemon_pid slurmctld >/dev/null && daemon_pid slurmd >/dev/null \
+        && [[ -f $CONF && "$(<"$CONF")" == "$new_conf" ]] && node_up; then
+        log "already running in $DIR"
+        echo "export SLURM_CONF=$CONF"
+        return 0
+    fi
+
+    # Partially up, or up with another configuration: restart from a clean slate.
+    stop_cluster
+    mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
+    start_munge
+
+    local p
+    for p in "$CTLD_PORT" "$SLURMD_PORT"; do
+        port_busy "$p" && die "port $p is in use (a cluster from another DIR?);" \
+            "stop it or set PCTX_SLURM_CTLD_PORT/PCTX_SLURMD_PORT"
+    done
+
+    printf '%s\n' "$new_conf" >"$CONF"
+    : >"$DIR/log/slurmctld.log"
+    : >"$DIR/log/slurmd.log"
+
+    log "starting slurmctld and slurmd (conf $CONF)"
+    # -c: forget jobs/node states from a previous run; this is a scratch cluster and stale
+    # jobs or a DOWN node from an earlier crash would only get in the way.
+    # Messages from before a daemon opens its log file (e.g. a bad slurm.conf) go to
+    # stderr, so keep that in DIR/log/*.err; stdout must not stay attached to a caller's
+    # `$(...)`, and fd 9 is our lock, see start_munge.
+    if ! slurmctld -c -f "$CONF" 9>&- </dev/null >/dev/null 2>"$DIR/log/slurmctld.err"; then
+        dump_logs
+        die "slurmctld failed to start"
+    fi
+    if ! slurmd -f "$CONF" 9>&- </dev/null >/dev/null 2>"$DIR/log/slurmd.err"; then
+        dump_logs
+        stop_cluster
+        die "slurmd failed to start"
+    fi
+
+    local t0=$SECONDS state=""
+    until node_up; do
+        if ((SECONDS - t0 >= START_TIMEOUT)); then
+            state=$(node_state || true)
+            log "node $NODE not idle after ${START_TIMEOUT}s (state: ${state:-unknown})"
+            timeout 10 sinfo >&2 || true
+            timeout 10 scontrol show node "$NODE" >&2 || true
+            dump_logs
+            stop_cluster
+            die "cluster did not come up"
+        fi
+        daemon_pid slurmctld >/dev/null || { dump_logs; stop_cluster; die "slurmctld exited"; }
+        daemon_pid slurmd >/dev/null || { dump_logs; stop_cluster; die "slurmd exited"; }
+        sleep 0.5
+    done
+    log "node $NODE is $(node_state) after $((SECONDS - t0))s"
+    echo "export SLURM_CONF=$CONF"
+}
+
+cmd_stop() {
+    need_root stop
+    lock_dir
+    stop_cluster
+    log "stopped ($DIR)"
+}
+
+cmd_status() {
+    local ok=0 name pid
+    for name in slurmctld slurmd; do
+        if pid=$(daemon_pid "$name"); then
+            log "$name running (pid $pid)"
+        else
+            log "$name not running"
+            ok=3
+        fi
+    done
+    if munge_ok; then log "munged ok"; else log "munged not working"; ok=3; fi
+    if [[ $ok -eq 0 ]]; then
+        timeout 10 sinfo >&2 || ok=3
+        timeout 10 squeue >&2 || true
+        node_up || ok=3
+    fi
+    [[ $ok -eq 0 ]] && log "cluster up, SLURM_CONF=$CONF" || log "cluster down ($DIR)"
+    return "$ok"
+}
+
+# ---------------------------------------------------------------------------------------
+# selftest
+
+cmd_selftest() {
+    node_up || die "cluster in $DIR is not up (run: $0 start $DIR)"
+    local work="$DIR/selftest"
+    rm -rf "$work"
+    mkdir -p "$work"
+
+    # The job runs as root with the caller's environment (sbatch's default --export=ALL),
+    # so `python` inside must resolve to the caller's interpreter. Check that explicitly.
+    local want_py=none
+    if command -v python >/dev/null 2>&1; then
+        want_py=$(python -c 'import sys; print(sys.executable)')
+    fi
+
+    cat >"$work/task.sh" <<'EOF'
+#!/bin/bash
+py=none
+command -v python >/dev/null 2>&1 && py=$(python -c 'import sys; print(sys.executable)')
+echo "task procid=$SLURM_PROCID ntasks=$SLURM_NTASKS localid=$SLURM_LOCALID" \
+     "nodelist=$SLURM_NODELIST jobid=$SLURM_JOB_ID python=$py"
+EOF
+    # The job name must not be `bash` or `interactive`: Lightning then assumes an
+    # interactive allocation and ignores the Slurm environment.
+    cat >"$work/pctx-selftest.sbatch" <<EOF
+#!/bin/bash
+#SBATCH --job-name=pctx-selftest
+#SBATCH --ntasks=4
+#SBATCH --ntasks-per-node=4
+#SBATCH --time=00:02:00
+#SBATCH --output=$work/job-%j.out
+srun bash "$work/task.sh"
+EOF
+
+    log "selftest: sbatch --wait (4 tasks)"
+    local t0=$SECONDS out rc=0 jobid
+    out=$(timeout 150 sbatch --parsable --wait "$work/pctx-selftest.sbatch") || rc=$?
+    jobid=${out%%;*}
+    jobid=${jobid//[^0-9]/}
+    if [[ $rc -ne 0 || -z $jobid ]]; then
+        [[ -n $jobid ]] && timeout 10 scancel "$jobid" 2>/dev/null || true
+        cat "$work"/job-*.out >&2 2>/dev/null || true
+        dump_logs
+        die "sbatch job failed (rc=$rc, job '${jobid:-?}')"
+    fi
+    local joblog="$work/job-$jobid.out"
+    cat "$joblog" >&2
+    local n_ids n_lines bad
+    n_lines=$(grep -c '^task ' "$joblog" || true)
+    n_ids=$(grep -o 'procid=[0-9]*' "$joblog" | sort -u | wc -l)
+    [[ $n_lines -eq 4 && $n_ids -eq 4 ]] \
+        || die "expected 4 tasks with distinct SLURM_PROCID, got $n_lines lines / $n_ids ids"
+    bad=$(grep '^task ' "$joblog" | grep -vc "ntasks=4 " || true)
+    [[ $bad -eq 0 ]] || die "SLURM_NTASKS != 4 in some task"
+    bad=$(grep '^task ' "$joblog" | grep -vc "jobid=$jobid " || true)
+    [[ $bad -eq 0 ]] || die "SLURM_JOB_ID != $jobid in some task"
+    bad=$(grep '^task ' "$joblog" | grep -vc "python=$want_py\$" || true)
+    [[ $bad -eq 0 ]] || die "job tasks do not see the caller's python ($want_py)"
+    log "selftest: sbatch/srun ok in $((SECONDS - t0))s (job $jobid)"
+
+    log "selftest: mpirun -np 4"
+    t0=$SECONDS
+    rc=0
+    out=$(timeout 60 mpirun --allow-run-as-root --oversubscribe -np 4 env) || rc=$?
+    [[ $rc -eq 0 ]] || die "mpirun failed (rc=$rc)"
+    n_ids=$(grep -o '^OMPI_COMM_WORLD_RANK=[0-9]*' <<<"$out" | sort -u | wc -l)
+    [[ $n_ids -eq 4 ]] || die "expected 4 distinct OMPI_COMM_WORLD_RANK, got $n_ids"
+    log "selftest: mpirun ok in $((SECONDS - t0))s"
+    log "selftest passed"
+}
+
+# ---------------------------------------------------------------------------------------
+
+main() {
+    local cmd=${1:-}
+    shift || true
+    case "$cmd" in
+        install) cmd_install ;;
+        start) set_dir "${1:-}"; cmd_start ;;
+        stop) set_dir "${1:-}"; cmd_stop ;;
+        status) set_dir "${1:-}"; cmd_status ;;
+        selftest) set_dir "${1:-}"; cmd_selftest ;;
+        *)
+            sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0" >&2
+            exit 2
+            ;;
+    esac
+}
+
+main "$@"

@@ -1,0 +1,21 @@
+"""lightning-parallelctx: data, tensor, pipeline, sequence and expert parallelism for Lightning."""
+
+from .context import ParallelContext
+from .errors import LauncherError, ModeNotFoundError, ParallelConfigError, ParallelCtxError, RendezvousError
+from .initializers import ProcessGroupInitializer, register_mode
+from .layout import RankLayout
+from .mode import ParallelMode
+
+__all__ = [
+    "LauncherError",
+    "ModeNotFoundError",
+    "ParallelConfigError",
+    "ParallelContext",
+    "ParallelCtxError",
+    "ParallelMode",
+    "ProcessGroupInitializer",
+    "RankLayout",
+    "RendezvousError",
+    "register_mode",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""Meeting the other processes: the rendezvous store and the default (WORLD) process group."""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .errors import RendezvousError
+from .launchers import LaunchInfo
+
+
+def as_timedelta(timeout: "float | int | timedelta") -> timedelta:
+    if isinstance(timeout, timedelta):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise RendezvousError(f"timeout={timeout!r} must be a positive number of seconds or a timedelta")
+    return timedelta(seconds=float(timeout))
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def port_is_free(port: int, host: str = "") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As TCPStore does: a recently closed store's TIME_WAIT connections must not count as "in use".
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+#: Stores this process already opened, reused by later builds (each under its own key prefix):
+#: a second TCPStore server on the same port would fail, and torchrun's agent store is one anyway.
+_STORES: dict[tuple, dist.Store] = {}
+
+
+def _make_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
+    if info.world_size == 1:
+        return dist.HashStore()
+    key = (info.host, info.port, info.rank, info.world_size, info.agent_store)
+    if key not in _STORES:
+        _STORES[key] = _open_store(info, timeout)
+    return _STORES[key]
+
+
+def _open_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
+    if not info.host or not info.port:
+        missing = " and ".join(n for n, v in (("host", info.host), ("port", info.port)) if not v)
+        raise RendezvousError(
+            f"rank {info.rank}: no rendezvous {missing} for {info.world_size} {info.launcher} processes. "
+            f"{info.launcher} does not say where rank 0 listens; pass host=/port= "
+            f"(e.g. ParallelContext.from_openmpi(host='node01', port=29500)) or export MASTER_ADDR "
+            f"and MASTER_PORT on every rank (mpirun -x MASTER_ADDR -x MASTER_PORT)."
+        )
+    is_master = info.rank == 0 and not info.agent_store
+    if is_master and not port_is_free(info.port):
+        raise RendezvousError(
+            f"rank 0: port {info.port} is already in use on this host, so the rendezvous store cannot "
+            f"listen there. Fix: pick a free port (port=... or MASTER_PORT=...), or stop the process "
+            f"holding it (`ss -ltnp | grep {info.port}`)."
+        )
+    try:
+        return dist.TCPStore(
+            info.host, info.port, info.world_size, is_master, timeout=timeout, wait_for_workers=True
+        )
+    except (RuntimeError, OSError) as err:
+        seconds = int(timeout.total_seconds())
+        if is_master:
+            raise RendezvousError(
+                f"rank 0: not all {info.world_size} processes reached the rendezvous at "
+                f"{info.host}:{info.port} within {seconds} s ({err}). Some ranks never started or "
+                f"crashed before connecting, or they were told another host/port. Raise the limit "
+                f"with timeout=... if they are just slow."
+            ) from err
+        raise RendezvousError(
+            f"rank {info.rank}: could not reach the rendezvous store of rank 0 at "
+            f"{info.host}:{info.port} within {seconds} s ({err}). Rank 0 may have failed (see its "
+            f"log: a port in use?), or host/port differ between ranks. Raise the limit with "
+            f"timeout=... if rank 0 is just slow to start."
+        ) from err
+
+
+def init_world(info: LaunchInfo, backend: str | None, timeout: timedelta, namespace: str) -> None:
+    """Create the default process group; ``namespace`` keeps each build's store keys apart."""
+    store = _make_store(info, timeout)
+    try:
+        dist.init_process_group(
+            backend or default_backend(),
+            store=dist.PrefixStore(namespace, store),
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timeout,
+        )
+    except (RuntimeError, ValueError) as err:
+        raise RendezvousError(
+            f"rank {info.rank}: creating the {backend or default_backend()} process group of "
+            f"{info.world_size} processes failed: {err}"
+        ) from err
