@@ -313,7 +313,11 @@ cmd_status() {
         timeout 10 squeue >&2 || true
         node_up || ok=3
     fi
-    [[ $ok -eq 0 ]] && log "cluster up, SLURM_CONF=$CONF" || log "cluster down ($DIR)"
+    if [[ $ok -eq 0 ]]; then
+        log "cluster up, SLURM_CONF=$CONF"
+    else
+        log "cluster down ($DIR)"
+    fi
     return "$ok"
 }
 

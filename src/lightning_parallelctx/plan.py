@@ -1,0 +1,108 @@
+"""The planner: the whole layout of a job as readable tables, without starting a process."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ParallelCtxError
+from .initializers import ModeGroups, compute_mode_groups, initializers_for
+from .layout import RankLayout
+from .mode import AXES, SHORT_NAMES
+
+
+def plan(world_size: int, *, tp: int = 1, pp: int = 1, sp: int = 1, ep: int = 1, dp: "int | str | None" = None,
+         order: "str | Sequence[str] | None" = None, modes: Sequence[Any] = ()) -> tuple[RankLayout, list[ModeGroups]]:
+    """Validate the sizes and compute every mode's groups; raises ParallelCtxError when invalid."""
+    layout = RankLayout.build(world_size, data=dp, tensor=tp, pipeline=pp, sequence=sp, expert=ep, order=order)
+    return layout, [compute_mode_groups(i, layout) for i in initializers_for(modes) if i.applies(layout)]
+
+
+def _fmt_group(group: tuple[int, ...], limit: int = 8) -> str:
+    if len(group) <= limit:
+        return "[" + ", ".join(map(str, group)) + "]"
+    step = group[1] - group[0]
+    if all(b - a == step for a, b in zip(group, group[1:])):
+        return f"[{group[0]}, {group[1]}, ..., {group[-1]}] (step {step})"
+    return "[" + ", ".join(map(str, group[:limit])) + f", ... +{len(group) - limit}]"
+
+
+def render(layout: RankLayout, modes: list[ModeGroups], console: Console, *, max_groups: int = 4,
+           max_ranks: int = 64) -> None:
+    summary = Table(title=f"Layout: {layout.world_size} ranks", title_justify="left")
+    summary.add_column("axis (innermost first)")
+    summary.add_column("size", justify="right")
+    summary.add_column("stride", justify="right")
+    for axis in layout.order:
+        summary.add_row(f"{axis} ({SHORT_NAMES[axis]})", str(layout.sizes[axis]), str(layout.strides[axis]))
+    console.print(summary)
+
+    table = Table(title="Process groups per mode", title_justify="left")
+    for col, justify in (("mode", "left"), ("over", "left"), ("groups", "right"), ("size", "right"),
+                         ("first groups", "left")):
+        table.add_column(col, justify=justify)
+    for m in modes:
+        sizes = sorted(set(m.sizes()))
+        shown = [_fmt_group(m.group(i)) for i in range(min(max_groups, m.num_groups))]
+        more = f" ... (+{m.num_groups - max_groups})" if m.num_groups > max_groups else ""
+        covered = int((m.owner >= 0).sum())
+        note = "" if covered == layout.world_size else f" (covers {covered} ranks)"
+        table.add_row(m.name, m.description + note, str(m.num_groups), "/".join(map(str, sizes)),
+                      "  ".join(shown) + more)
+    console.print(table)
+
+    per_rank_groups = sum(1 for m in modes if max(m.sizes()) > 1 and max(m.sizes()) < layout.world_size)
+    console.print(
+        f"new_group calls per rank: at most {per_rank_groups} (one per mode with groups of 2..world-1 ranks, "
+        f"fewer where modes share a rank set), whatever the world size."
+    )
+
+    if layout.world_size <= max_ranks:
+        ranks = Table(title="Every rank's coordinates", title_justify="left")
+        ranks.add_column("rank", justify="right")
+        for axis in AXES:
+            ranks.add_column(SHORT_NAMES[axis], justify="right")
+        for r in range(layout.world_size):
+            c = layout.coords(r)
+            ranks.add_row(str(r), *(str(c[a]) for a in AXES))
+        console.print(ranks)
+
+
+def valid_sizes(world_size: int) -> str:
+    divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+    return ", ".join(map(str, divisors))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_parallelctx plan",
+                                     description="Show the process groups of a layout without starting any process.")
+    parser.add_argument("--world-size", "-n", type=int, required=True)
+    for short, axis in (("tp", "tensor"), ("pp", "pipeline"), ("sp", "sequence"), ("ep", "expert")):
+        parser.add_argument(f"--{short}", type=int, default=1, help=f"{axis}_parallel_size")
+    parser.add_argument("--dp", default="auto", help="data_parallel_size (default: auto = derived)")
+    parser.add_argument("--order", default=None, help="axes innermost first, default tp-sp-ep-dp-pp")
+    parser.add_argument("--mode", action="append", default=[], dest="modes",
+                        help="extra mode: a registered name (tensor_2d_row, pipeline_embedding, ...) or a class path")
+    parser.add_argument("--groups", type=int, default=4, help="groups to show per mode")
+    args = parser.parse_args(argv)
+    console = Console()
+    dp = None if str(args.dp).lower() == "auto" else int(args.dp)
+    try:
+        layout, modes = plan(args.world_size, tp=args.tp, pp=args.pp, sp=args.sp, ep=args.ep, dp=dp,
+                             order=args.order, modes=args.modes)
+    except ParallelCtxError as err:
+        console.print(f"[bold red]invalid layout:[/] {err}", highlight=False)
+        model = args.tp * args.pp * args.sp * args.ep
+        if model > 0 and args.world_size > 0 and args.world_size % model == 0:
+            console.print(f"valid data_parallel_size here: {args.world_size // model}")
+        elif args.world_size > 0:
+            console.print(f"tp x pp x sp x ep must divide {args.world_size}: one of {valid_sizes(args.world_size)}; "
+                          f"with these sizes launch a multiple of {model} processes.")
+        return 1
+    render(layout, modes, console, max_groups=args.groups)
+    return 0
