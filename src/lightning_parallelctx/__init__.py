@@ -6,12 +6,17 @@ from .initializers import ProcessGroupInitializer, register_mode
 from .layout import RankLayout
 from .mode import ParallelMode
 
+# Importing the Lightning integration registers the strategy name "parallelctx" (once).
+from .lightning import ParallelCtxEnvironment, ParallelCtxStrategy  # noqa: E402
+
 __all__ = [
     "LauncherError",
     "ModeNotFoundError",
     "ParallelConfigError",
     "ParallelContext",
+    "ParallelCtxEnvironment",
     "ParallelCtxError",
+    "ParallelCtxStrategy",
     "ParallelMode",
     "ProcessGroupInitializer",
     "RankLayout",

@@ -1,0 +1,211 @@
+"""A small GPT-style language model written with tensor-parallel layers and ``self.parallel_context``.
+
+Token embedding (vocab-parallel), causal self-attention (heads split over TENSOR, the sequence
+split over SEQUENCE with keys/values all-gathered), an MLP (column- then row-parallel) and a
+vocab-parallel LM head. The same class runs on one process (every size 1) or any layout.
+Initial weights are drawn for the full model from ``init_seed`` and cut to this rank's shards,
+so every layout starts from, and trains, the same model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_parallelctx.distributed import LocalContext, all_gather, copy, gather, reduce
+from lightning_parallelctx.lightning import shard_state_dict
+from lightning_parallelctx.markers import mark_tensor_parallel
+
+
+# ------------------------------------------------------------------ tensor-parallel layers
+class ColumnParallelLinear(nn.Module):
+    """Output features split over TENSOR: ``weight = full.chunk(tp, 0)[tp_rank]``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, context: Any = None) -> None:
+        super().__init__()
+        self.context = context
+        tp = context.get_world_size("tensor")
+        self.weight = nn.Parameter(torch.zeros(out_features // tp, in_features))
+        mark_tensor_parallel(self.weight, 0, out_features)
+        self.bias = nn.Parameter(torch.zeros(out_features // tp)) if bias else None
+        if self.bias is not None:
+            mark_tensor_parallel(self.bias, 0, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy(x, "tensor", context=self.context), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split over TENSOR (``full.chunk(tp, 1)``); the output is summed over TENSOR."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, context: Any = None) -> None:
+        super().__init__()
+        self.context = context
+        tp = context.get_world_size("tensor")
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features // tp))
+        mark_tensor_parallel(self.weight, 1, in_features)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = reduce(F.linear(x, self.weight), "tensor", context=self.context)
+        return out + self.bias if self.bias is not None else out
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Vocabulary rows split over TENSOR; each rank looks up its rows, the sum over TENSOR is the embedding."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, context: Any = None) -> None:
+        super().__init__()
+        self.context = context
+        tp, rank = context.get_world_size("tensor"), context.get_local_rank("tensor")
+        self.rows = num_embeddings // tp
+        self.start = rank * self.rows
+        self.weight = nn.Parameter(torch.zeros(self.rows, embedding_dim))
+        mark_tensor_parallel(self.weight, 0, num_embeddings)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce(out, "tensor", context=self.context)
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, context: Any) -> torch.Tensor:
+    """Mean cross-entropy of vocab-split logits: gathered along the vocabulary (backward keeps this
+    rank's slice), so every TENSOR rank computes the same loss."""
+    full = gather(logits, dim=-1, mode="tensor", context=context)
+    return F.cross_entropy(full.flatten(0, -2), targets.flatten())
+
+
+# ------------------------------------------------------------------ the model
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, context: Any) -> None:
+        super().__init__()
+        tp = context.get_world_size("tensor")
+        if n_heads % tp:
+            raise ValueError(f"n_heads={n_heads} is not divisible by tensor_parallel_size={tp}")
+        self.context, self.local_heads, self.head_dim = context, n_heads // tp, d_model // n_heads
+        # Separate q/k/v projections keep whole heads together in each column shard.
+        self.q = ColumnParallelLinear(d_model, d_model, context=context)
+        self.k = ColumnParallelLinear(d_model, d_model, context=context)
+        self.v = ColumnParallelLinear(d_model, d_model, context=context)
+        self.out = RowParallelLinear(d_model, d_model, context=context)
+
+    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (proj(x).view(b, t, self.local_heads, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        if self.context.get_world_size("sequence") > 1:
+            # Context parallelism: this rank's queries attend to the keys/values of the whole sequence.
+            k = all_gather(k, dim=2, mode="sequence", context=self.context)
+            v = all_gather(v, dim=2, mode="sequence", context=self.context)
+        q_pos = torch.arange(offset, offset + t, device=x.device)
+        k_pos = torch.arange(k.shape[2], device=x.device)
+        mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, context: Any) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, n_heads, context)
+        self.fc = ColumnParallelLinear(d_model, 4 * d_model, context=context)
+        self.proj = RowParallelLinear(4 * d_model, d_model, context=context)
+
+    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), offset)
+        return x + self.proj(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size: int, seq_len: int, d_model: int, n_heads: int, n_layers: int, context: Any) -> None:
+        super().__init__()
+        self.context = context
+        self.tok = VocabParallelEmbedding(vocab_size, d_model, context=context)
+        self.pos = nn.Embedding(seq_len, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, context) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = ColumnParallelLinear(d_model, vocab_size, bias=False, context=context)
+
+    def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Vocab-split logits of the ``ids`` at sequence positions ``offset ...``."""
+        h = self.tok(ids) + self.pos(torch.arange(offset, offset + ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            h = block(h, offset)
+        return self.head(self.ln_f(h))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("bias") or ".ln" in name or name.startswith("ln_"):
+                p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))
+            else:
+                std = 0.02 / math.sqrt(2 * len(self.blocks)) if name.endswith(("out.weight", "proj.weight")) else 0.02
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+class GPTLightning(pl.LightningModule):
+    """The GPT above as a LightningModule; any ParallelCtxStrategy layout, or a plain Trainer."""
+
+    def __init__(self, vocab_size: int = 64, seq_len: int = 32, d_model: int = 32, n_heads: int = 4, n_layers: int = 2,
+                 lr: float = 3e-3, optimizer: Literal["adamw", "sgd"] = "adamw", weight_decay: float = 0.0,
+                 init_seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def configure_model(self) -> None:
+        if hasattr(self, "gpt"):  # fit, then validate/test: the sharded model stays
+            return
+        h = self.hparams
+        ctx = getattr(self, "parallel_context", None) or LocalContext()
+        # The full model's initial weights, the same on every rank and for every layout, cut to this rank's shards.
+        full = GPT(h.vocab_size, h.seq_len, h.d_model, h.n_heads, h.n_layers, LocalContext())
+        full.init_weights(h.init_seed)
+        self.gpt = GPT(h.vocab_size, h.seq_len, h.d_model, h.n_heads, h.n_layers, ctx)
+        self.gpt.load_state_dict(shard_state_dict(full.state_dict(), self.gpt, ctx))
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, targets = batch
+        ctx = self.gpt.context
+        sp = ctx.get_world_size("sequence")
+        if ids.shape[1] % sp:
+            raise ValueError(f"sequence length {ids.shape[1]} is not divisible by sequence_parallel_size={sp}")
+        t = ids.shape[1] // sp
+        offset = ctx.get_local_rank("sequence") * t
+        # Every SEQUENCE rank gets the same batch and keeps its slice of the positions; the mean of
+        # the per-slice losses (averaged by the gradient sync) is the full sequence's loss.
+        ids, targets = ids[:, offset:offset + t], targets[:, offset:offset + t]
+        return vocab_parallel_cross_entropy(self.gpt(ids, offset), targets, ctx)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("test_loss", loss, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        h = self.hparams
+        if h.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=h.lr, momentum=0.9)
+        return torch.optim.AdamW(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+
+    def on_train_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("train_loss")
+        if loss is not None and self.trainer.is_global_zero:
+            print(f"final loss: {float(loss):.6f} (step {self.trainer.global_step})", flush=True)

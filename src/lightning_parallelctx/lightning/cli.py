@@ -1,0 +1,38 @@
+"""``python -m lightning_parallelctx fit --config configs/X.yaml``: LightningCLI with this library.
+
+Any LightningModule / LightningDataModule is named by ``class_path`` in the YAML; the strategy is
+``class_path: lightning_parallelctx.ParallelCtxStrategy`` (or the registered name ``parallelctx``).
+The working directory is importable, so examples run from the repository root
+(``class_path: examples.gpt.model.GPTLightning``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+
+def main(argv: Sequence[str] | None = None, **cli_kwargs: Any) -> LightningCLI:
+    """Run LightningCLI on ``argv`` (``["fit", "--config", "configs/cpu-tp2-dp2.yaml", ...]``)."""
+    # Under `python -m` the working directory is on sys.path, under a console script it is not.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    import lightning_parallelctx  # noqa: F401  (registers the "parallelctx" strategy name)
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    options: dict[str, Any] = {
+        "model_class": None,
+        "datamodule_class": None,
+        "subclass_mode_model": True,
+        "subclass_mode_data": True,
+        # Every process of a run parses the same YAML; only rank 0 writes config.yaml, and a
+        # re-run into the same log directory must not fail on it.
+        "save_config_kwargs": {"overwrite": True},
+        "args": args,
+    }
+    options.update(cli_kwargs)
+    return LightningCLI(**options)

@@ -1,0 +1,396 @@
+"""ParallelCtxStrategy: Lightning training with a ParallelContext, from any launcher.
+
+Thin glue in the shape of Lightning's ``strategies/model_parallel.py``: Lightning makes the default
+process group (or finds the launcher's), the :class:`ParallelContext` adds only its sub-groups, and
+the model is trained unwrapped, its gradients synchronised by the library's gradient handler.
+Each override below exists because the inherited behaviour is wrong for sharded models; the
+TRAPS.md number says which trap it avoids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Generator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+from torch.optim import Optimizer
+
+import lightning.pytorch as pl
+from lightning.fabric.plugins.environments.cluster_environment import ClusterEnvironment
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import _PATH, ReduceOp
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.strategies.strategy import TBroadcast
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from ..context import ParallelContext, _live_context
+from ..distributed import set_current_context
+from ..errors import ParallelConfigError
+from ..layout import RankLayout
+from ..mode import ParallelMode
+from . import checkpoint as _ckpt
+from ._grad_sync import check_gradient_handler_spec, make_gradient_handler
+from .environment import LAUNCHERS, ParallelCtxEnvironment
+from .grad_norm import clip_grad_norm_
+
+_SIZE_NAMES = ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size", "expert_parallel_size")
+
+
+def _check_size(name: str, value: Any, allow_auto: bool = False) -> Any:
+    if allow_auto and (value is None or value == "auto"):
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int):
+        also = " or 'auto'" if allow_auto else ""
+        raise ParallelConfigError(f"{name}={value!r} ({type(value).__name__}) must be an int >= 1{also}")
+    if value < 1:
+        raise ParallelConfigError(f"{name}={value} must be >= 1")
+    return value
+
+
+class ParallelCtxStrategy(ParallelStrategy):
+    """Data, tensor, pipeline, sequence and expert parallelism with a :class:`ParallelContext`.
+
+    ``Trainer(strategy=ParallelCtxStrategy(tensor_parallel_size=2), devices=4)`` starts the other
+    local processes itself when launched with plain ``python``, and uses the processes of torchrun,
+    srun or mpirun otherwise (:class:`ParallelCtxEnvironment`). Inside the LightningModule,
+    ``self.parallel_context`` is the live context from ``configure_model`` on.
+
+    Args:
+        data_parallel_size: DATA size; ``"auto"`` = world size / the product of the other sizes.
+        tensor_parallel_size, pipeline_parallel_size, sequence_parallel_size, expert_parallel_size:
+            sizes of the other axes.
+        order: rank layout, innermost axis first, e.g. ``"tp-sp-ep-dp-pp"`` (the default).
+        gradient_handler: how gradients are synchronised: ``"bucketed"`` (default), ``"ddp"``,
+            ``"allreduce"``, or ``{"class_path": ..., "init_args": {...}}``.
+        launcher: ``"auto"`` (detect), ``"local"`` or a launcher name; see :class:`ParallelCtxEnvironment`.
+        sync_initial_weights: at the start of ``fit``, copy the first replica's parameters to the other
+            replicas of the same shard (as DDP does, but never across shards).
+        process_group_backend: ``"gloo"``/``"nccl"``; default from the device.
+        timeout: seconds before a collective is declared hung.
+        cluster_environment: a Lightning ``ClusterEnvironment`` instead of ``ParallelCtxEnvironment``.
+    """
+
+    strategy_name = "parallelctx"
+
+    def __init__(
+        self,
+        data_parallel_size: Union[int, Literal["auto"]] = "auto",
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        sequence_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
+        order: Optional[str] = None,
+        gradient_handler: Union[str, dict[str, Any]] = "bucketed",
+        launcher: Literal["auto", "local", "torchrun", "slurm", "openmpi", "mpich", "mvapich2"] = "auto",
+        sync_initial_weights: bool = True,
+        process_group_backend: Optional[Literal["gloo", "nccl", "mpi"]] = None,
+        timeout: float = 1800.0,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+    ) -> None:
+        # Everything is checked here, so a bad YAML value fails at once and not inside fit.
+        sizes = {"data_parallel_size": _check_size("data_parallel_size", data_parallel_size, allow_auto=True)}
+        for name, value in zip(_SIZE_NAMES, (tensor_parallel_size, pipeline_parallel_size,
+                                             sequence_parallel_size, expert_parallel_size)):
+            sizes[name] = _check_size(name, value)
+        if order is not None:
+            if not isinstance(order, str):
+                raise ParallelConfigError(f"order={order!r} must be a string like 'tp-sp-ep-dp-pp' or None")
+            RankLayout({}, order=order)  # raises naming the axes for a bad order
+        check_gradient_handler_spec(gradient_handler)
+        if launcher not in LAUNCHERS:
+            raise ParallelConfigError(f"launcher={launcher!r} must be one of {', '.join(LAUNCHERS)}")
+        if not isinstance(sync_initial_weights, bool):
+            raise ParallelConfigError(f"sync_initial_weights={sync_initial_weights!r} must be a bool")
+        if process_group_backend is not None and process_group_backend not in ("gloo", "nccl", "mpi"):
+            raise ParallelConfigError(f"process_group_backend={process_group_backend!r} must be 'gloo', 'nccl', 'mpi' or None")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ParallelConfigError(f"timeout={timeout!r} must be a positive number of seconds")
+        if cluster_environment is not None:
+            if not isinstance(cluster_environment, ClusterEnvironment):
+                raise ParallelConfigError(f"cluster_environment={cluster_environment!r} is not a ClusterEnvironment")
+            if launcher != "auto":
+                raise ParallelConfigError("give either launcher= or cluster_environment=, not both")
+        super().__init__(cluster_environment=cluster_environment or ParallelCtxEnvironment(launcher))
+        self._sizes = sizes
+        self._order = order
+        self._gradient_handler_spec = gradient_handler
+        self._sync_initial_weights = sync_initial_weights
+        self._process_group_backend = process_group_backend
+        self._timeout = timedelta(seconds=float(timeout))
+        self._context: Optional[ParallelContext] = None
+        self._grad_handler: Any = None
+        self.num_nodes = 1
+
+    # ------------------------------------------------------------------ the context
+    @property
+    def parallel_context(self) -> ParallelContext:
+        if self._context is None or self._context.is_destroyed:
+            raise RuntimeError(
+                "the ParallelContext exists once the processes have started: use it from the "
+                "LightningModule's setup()/configure_model() on (self.parallel_context), not earlier"
+            )
+        return self._context
+
+    def _layout_sizes(self) -> dict[str, Any]:
+        s = self._sizes
+        return {"data": None if s["data_parallel_size"] == "auto" else s["data_parallel_size"],
+                "tensor": s["tensor_parallel_size"], "pipeline": s["pipeline_parallel_size"],
+                "sequence": s["sequence_parallel_size"], "expert": s["expert_parallel_size"]}
+
+    def _build_context(self) -> ParallelContext:
+        """Once per process (TRAPS.md #7): a later fit/validate/test/predict, or a later Trainer
+        with the same layout, reuses the live context instead of making new groups."""
+        if self._context is not None and not self._context.is_destroyed:
+            return self._context
+        sizes = self._layout_sizes()
+        layout = RankLayout.build(dist.get_world_size(), **sizes, order=self._order)
+        ctx = _live_context(dict(layout.sizes), layout.order)
+        if ctx is None:
+            # The default group exists (Lightning made it, or the launcher's user did): the context
+            # reuses it and creates only the sub-groups. The env tells it this process's node-local
+            # rank, which a process we launched ourselves cannot read from any launcher's variables.
+            ctx = ParallelContext(sizes=sizes, order=self._order, backend=self._process_group_backend,
+                                  timeout=self._timeout, env=self._launch_env())
+        self._context = ctx
+        return ctx
+
+    def _launch_env(self) -> dict[str, str]:
+        env = self.cluster_environment
+        assert env is not None
+        return {"RANK": str(self.global_rank), "WORLD_SIZE": str(self.world_size),
+                "LOCAL_RANK": str(self.local_rank), "LOCAL_WORLD_SIZE": str(self.num_processes),
+                "GROUP_RANK": str(self.node_rank), "MASTER_ADDR": env.main_address, "MASTER_PORT": str(env.main_port)}
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        # Without it Lightning adds no DistributedSampler and ignores sync_dist (TRAPS.md #2).
+        return True
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Only DATA x EXPERT ranks read distinct batches; tensor/sequence/pipeline peers share theirs
+        # (TRAPS.md #4: the inherited version uses the global world).
+        ctx = self.parallel_context
+        return {"num_replicas": ctx.get_world_size(ParallelMode.DATA_SHARD),
+                "rank": ctx.get_local_rank(ParallelMode.DATA_SHARD)}
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Shards are loaded into the model configure_model built, not into an unsharded one.
+        return True
+
+    @property
+    def process_group_backend(self) -> Optional[str]:
+        return self._process_group_backend
+
+    def _configure_launcher(self) -> None:
+        # Runs at Trainer construction: bad sizes or a launch that disagrees with devices/num_nodes
+        # fail here, on every rank, before any process talks.
+        env = self.cluster_environment
+        assert env is not None
+        RankLayout.build(self.num_processes * self.num_nodes, **self._layout_sizes(), order=self._order)
+        if env.creates_processes_externally:
+            # torchrun/srun/mpirun started us: no launcher (it would start copies), but check what
+            # they started, which Lightning never does without a launcher (LAUNCHERS.md).
+            env.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        else:
+            # Without a launcher `devices=N` silently runs one process (TRAPS.md #1).
+            self._launcher = _SubprocessScriptLauncher(env, self.num_processes, self.num_nodes)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            # No-ops for external launchers, which fix ranks themselves.
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        if self._process_group_backend is None:
+            self._process_group_backend = _get_default_process_group_backend_for_device(self.root_device)
+        assert self.cluster_environment is not None
+        # Returns at once when the group exists (a second fit/validate, TRAPS.md #7).
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
+        ctx = self._build_context()
+        # Collectives and layers called without context= talk over this one, even when another
+        # live context (another layout) was built later in this process.
+        set_current_context(ctx)
+        assert self.lightning_module is not None
+        # Before the setup()/configure_model() hooks; deepcopy/pickle-safe (TRAPS.md #9).
+        self.lightning_module.parallel_context = ctx
+
+    def setup(self, trainer: "pl.Trainer") -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            if self._sync_initial_weights:
+                self._broadcast_within_replicas()
+            self._grad_handler = make_gradient_handler(self._gradient_handler_spec)
+            self.model = self._grad_handler.setup(self.model, self.parallel_context)
+            self._reset_optimizers_and_schedulers()
+            self.setup_optimizers(trainer)
+            self._install_sharded_clipping()
+        # Nothing else: validate/test/predict never broadcast weights (TRAPS.md #5).
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @torch.no_grad()
+    def _broadcast_within_replicas(self) -> None:
+        """DDP's start-of-training broadcast, but inside each parameter's replica group only."""
+        ctx = self.parallel_context
+        from ..markers import is_expert
+
+        module = self.lightning_module
+        assert module is not None
+        for tensors, mode in (([p for p in module.parameters() if not is_expert(p)] + list(module.buffers()), "dense_replica"),
+                              ([p for p in module.parameters() if is_expert(p)], "expert_replica")):
+            if not tensors or ctx.get_world_size(mode) == 1:
+                continue
+            src = ctx.get_ranks_in_group(mode)[0]
+            group = ctx.get_group(mode)
+            for t in tensors:
+                dist.broadcast(t.data, src=src, group=group)
+
+    def _install_sharded_clipping(self) -> None:
+        # The precision plugin clips by the local norm (TRAPS.md #8). Shadowing its method on this
+        # instance keeps whatever it does around it (AMP unscaling) and needs no plugin subclass.
+        plugin = self.precision_plugin
+        strategy = self
+
+        def clip_grad_by_norm(optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+            clip_grad_norm_(list(plugin.main_params(optimizer)), float(clip_val), strategy.parallel_context)
+
+        plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ gradient synchronisation
+    @contextlib.contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        # Accumulating micro-batches must not communicate (TRAPS.md #6): the inherited version
+        # only knows DDP-wrapped models.
+        if self._grad_handler is None:
+            yield None
+            return
+        with self._grad_handler.no_sync():
+            yield None
+
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
+                       model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None, **kwargs: Any) -> Any:
+        handler = self._grad_handler
+
+        def synced_closure() -> Any:
+            # After backward, before on_before_optimizer_step / clipping / step: gradients are whole.
+            result = closure()
+            if handler is not None:
+                handler.finish()
+            return result
+
+        return super().optimizer_step(optimizer, synced_closure, model, **kwargs)
+
+    # ------------------------------------------------------------------ collectives
+    def _group(self, group: Any) -> Any:
+        """Collectives accept a process group, or a ParallelMode / its name ("data", "tensor")."""
+        if isinstance(group, (ParallelMode, str)):
+            return self.parallel_context.get_group(group)
+        return group
+
+    def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None,
+               reduce_op: Optional[Union[ReduceOp, str]] = "mean") -> Tensor:
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, self._group(group), reduce_op=reduce_op)
+        return tensor
+
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        return super().all_gather(tensor, group=self._group(group), sync_grads=sync_grads)
+
+    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def barrier(self, name: Optional[str] = None) -> None:
+        if _distributed_is_initialized():
+            dist.barrier()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None) -> None:
+        """A directory of per-shard files (see :mod:`.checkpoint`); every rank must call it."""
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
+        path = self.broadcast(str(filepath))
+        assert self.lightning_module is not None
+        _ckpt.save_sharded_checkpoint(checkpoint, path, self.lightning_module, self.parallel_context)
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = self.broadcast(str(checkpoint_path))
+        assert self.lightning_module is not None
+        return _ckpt.load_sharded_checkpoint(path, self.lightning_module, self.parallel_context, weights_only)
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        if self.is_global_zero:
+            path = Path(filepath)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
+    # ------------------------------------------------------------------ teardown
+    def teardown(self) -> None:
+        if self._grad_handler is not None:
+            self._grad_handler.remove()
+            self._grad_handler = None
+        # The context outlives this fit: the next fit/validate/test/predict reuses it (TRAPS.md #7).
+        super().teardown()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        register(strategy_registry)
+
+
+def register(strategy_registry: Optional[Mapping[str, Any]] = None) -> None:
+    """Register the name "parallelctx", once (Lightning never calls a third party's
+    register_strategies itself, TRAPS.md #3)."""
+    if strategy_registry is None:
+        from lightning.pytorch.strategies import StrategyRegistry as strategy_registry
+    if "parallelctx" not in strategy_registry:
+        strategy_registry.register(  # type: ignore[attr-defined]
+            "parallelctx", ParallelCtxStrategy,
+            description="data/tensor/pipeline/sequence/expert parallelism with lightning_parallelctx",
+        )
