@@ -17,69 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_parallelctx.distributed import LocalContext, all_gather, copy, gather, reduce
-from lightning_parallelctx.lightning import shard_state_dict
-from lightning_parallelctx.markers import mark_tensor_parallel
-
-
-# ------------------------------------------------------------------ tensor-parallel layers
-class ColumnParallelLinear(nn.Module):
-    """Output features split over TENSOR: ``weight = full.chunk(tp, 0)[tp_rank]``."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, context: Any = None) -> None:
-        super().__init__()
-        self.context = context
-        tp = context.get_world_size("tensor")
-        self.weight = nn.Parameter(torch.zeros(out_features // tp, in_features))
-        mark_tensor_parallel(self.weight, 0, out_features)
-        self.bias = nn.Parameter(torch.zeros(out_features // tp)) if bias else None
-        if self.bias is not None:
-            mark_tensor_parallel(self.bias, 0, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy(x, "tensor", context=self.context), self.weight, self.bias)
-
-
-class RowParallelLinear(nn.Module):
-    """Input features split over TENSOR (``full.chunk(tp, 1)``); the output is summed over TENSOR."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, context: Any = None) -> None:
-        super().__init__()
-        self.context = context
-        tp = context.get_world_size("tensor")
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features // tp))
-        mark_tensor_parallel(self.weight, 1, in_features)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = reduce(F.linear(x, self.weight), "tensor", context=self.context)
-        return out + self.bias if self.bias is not None else out
-
-
-class VocabParallelEmbedding(nn.Module):
-    """Vocabulary rows split over TENSOR; each rank looks up its rows, the sum over TENSOR is the embedding."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, context: Any = None) -> None:
-        super().__init__()
-        self.context = context
-        tp, rank = context.get_world_size("tensor"), context.get_local_rank("tensor")
-        self.rows = num_embeddings // tp
-        self.start = rank * self.rows
-        self.weight = nn.Parameter(torch.zeros(self.rows, embedding_dim))
-        mark_tensor_parallel(self.weight, 0, num_embeddings)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        local = ids - self.start
-        outside = (local < 0) | (local >= self.rows)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce(out, "tensor", context=self.context)
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, context: Any) -> torch.Tensor:
-    """Mean cross-entropy of vocab-split logits: gathered along the vocabulary (backward keeps this
-    rank's slice), so every TENSOR rank computes the same loss."""
-    full = gather(logits, dim=-1, mode="tensor", context=context)
-    return F.cross_entropy(full.flatten(0, -2), targets.flatten())
+from lightning_parallelctx.distributed import LocalContext, all_gather
+from lightning_parallelctx.nn import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    shard_state_dict,
+    vocab_parallel_cross_entropy,
+)
 
 
 # ------------------------------------------------------------------ the model
@@ -182,7 +127,7 @@ class GPTLightning(pl.LightningModule):
         # Every SEQUENCE rank gets the same batch and keeps its slice of the positions; the mean of
         # the per-slice losses (averaged by the gradient sync) is the full sequence's loss.
         ids, targets = ids[:, offset:offset + t], targets[:, offset:offset + t]
-        return vocab_parallel_cross_entropy(self.gpt(ids, offset), targets, ctx)
+        return vocab_parallel_cross_entropy(self.gpt(ids, offset), targets, context=ctx)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)

@@ -153,19 +153,9 @@ def _load(file: Path, weights_only: bool | None) -> dict[str, Any]:
 def shard_state_dict(full: Mapping[str, torch.Tensor], module: torch.nn.Module,
                      ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """Cut a full (single-process) state dict to the shards this rank's ``module`` holds."""
-    layout = shard_layout(module, ctx)
-    tp, ep = layout["coords"]["tp"], layout["coords"]["ep"]
-    tp_size, ep_size = layout["sizes"]["tp"], layout["sizes"]["ep"]
-    expert = set(layout["expert"])
-    out: dict[str, torch.Tensor] = {}
-    for name, value in full.items():
-        if name in expert:
-            value = value.chunk(ep_size, 0)[ep]
-        dim = layout["tp_dims"].get(name)
-        if dim is not None:
-            value = value.chunk(tp_size, dim)[tp]
-        out[name] = value.clone() if (name in expert or dim is not None) else value
-    return out
+    from ..nn import shard_state_dict as _cut  # the layers' own rules (tensor and expert splits)
+
+    return _cut(full, module, ctx)
 
 
 # ---------------------------------------------------------------------------------- consolidate
