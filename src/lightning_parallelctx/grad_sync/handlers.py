@@ -1,0 +1,191 @@
+"""The built-in gradient handlers: ``bucketed`` (default), ``ddp`` and ``allreduce``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ..errors import ParallelCtxError
+from ..markers import is_expert, is_sequence_parallel
+from .base import GradientHandler, register_gradient_handler
+from .groups import GroupResolver, ReductionPlan
+from .hook import DataParallelGradientHook
+
+if TYPE_CHECKING:
+    from ..context import ParallelContext
+
+__all__ = ["BucketedGradientHandler", "DDPGradientHandler", "FlatAllReduceGradientHandler"]
+
+
+@register_gradient_handler("bucketed")
+class BucketedGradientHandler(GradientHandler):
+    """The library's hook (:class:`DataParallelGradientHook`): flat buckets, ``.grad`` views,
+    each bucket's all-reduce started from the backward pass as soon as it is complete.
+
+    Args:
+        bucket_cap_mb: bucket size in MiB (of the parameters' dtype).
+        first_bucket_cap_mb: size of the first bucket launched (the last layers); ``None`` = ``bucket_cap_mb``.
+        reduce_dtype: reduce 16-bit parameters' gradients in this wider dtype (e.g. ``"fp32"``).
+        compress: communicate gradients of wider parameters in this 16-bit dtype (``"fp16"``/``"bf16"``).
+    """
+
+    def __init__(self, bucket_cap_mb: float = 25.0, first_bucket_cap_mb: float | None = None,
+                 reduce_dtype: str | torch.dtype | None = None, compress: str | torch.dtype | None = None):
+        super().__init__()
+        self.bucket_cap_mb = bucket_cap_mb
+        self.first_bucket_cap_mb = first_bucket_cap_mb
+        self.reduce_dtype = reduce_dtype
+        self.compress = compress
+        self.hook: DataParallelGradientHook | None = None
+
+    def setup(self, module: torch.nn.Module, ctx: "ParallelContext | None") -> torch.nn.Module:
+        if self.hook is not None:
+            self.hook.remove()
+        self.hook = DataParallelGradientHook(module, ctx, bucket_cap_mb=self.bucket_cap_mb,
+                                             first_bucket_cap_mb=self.first_bucket_cap_mb,
+                                             reduce_dtype=self.reduce_dtype, compress=self.compress)
+        return module
+
+    @property
+    def require_sync(self) -> bool:
+        return self.hook.require_sync if self.hook is not None else True
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        return self.hook.no_sync() if self.hook is not None else contextlib.nullcontext()
+
+    def finish(self) -> None:
+        if self.hook is not None:
+            self.hook.finish()
+
+    def remove(self) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+
+    def __repr__(self) -> str:
+        return (f"BucketedGradientHandler(bucket_cap_mb={self.bucket_cap_mb}, reduce_dtype={self.reduce_dtype}, "
+                f"compress={self.compress})")
+
+
+@register_gradient_handler("ddp")
+class DDPGradientHandler(GradientHandler):
+    """torch ``DistributedDataParallel`` over the dense replica group (DATA x SEQUENCE x EXPERT),
+    for comparison. DDP reduces every parameter over one group, so models with expert or
+    (with TENSOR > 1) sequence-parallel parameters are refused; use ``"bucketed"`` for those.
+    ``setup`` returns the DDP wrapper; the original module is ``handler.module``.
+    """
+
+    def __init__(self, bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = False,
+                 find_unused_parameters: bool = False, static_graph: bool = False,
+                 ddp_kwargs: dict[str, Any] | None = None):
+        super().__init__()
+        self.ddp_kwargs: dict[str, Any] = dict(
+            bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=gradient_as_bucket_view,
+            find_unused_parameters=find_unused_parameters, static_graph=static_graph, **(ddp_kwargs or {}),
+        )
+        self.module: torch.nn.Module | None = None
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+
+    def setup(self, module: torch.nn.Module, ctx: "ParallelContext | None") -> torch.nn.Module:
+        expert = [n for n, p in module.named_parameters() if is_expert(p)]
+        if expert:
+            raise ParallelCtxError(
+                f"the 'ddp' gradient handler cannot sync expert parameters ({', '.join(expert[:3])}"
+                f"{', ...' if len(expert) > 3 else ''}): DDP reduces every parameter over one group, but expert "
+                f"parameters must be averaged over 'expert_replica' and dense ones over 'dense_replica'. "
+                f"Use gradient_handler='bucketed'"
+            )
+        tp = ctx.get_world_size("tensor") if ctx is not None else 1
+        seq = [n for n, p in module.named_parameters() if is_sequence_parallel(p)]
+        if seq and tp > 1:
+            raise ParallelCtxError(
+                f"the 'ddp' gradient handler cannot sum sequence-parallel parameters ({', '.join(seq[:3])}) over "
+                f"TENSOR; use gradient_handler='bucketed'"
+            )
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ParallelCtxError("the 'ddp' gradient handler needs an initialised default process group")
+        group = ctx.get_group("dense_replica") if ctx is not None else dist.group.WORLD
+        self.module = module
+        self.ddp = torch.nn.parallel.DistributedDataParallel(module, process_group=group, **self.ddp_kwargs)
+        return self.ddp
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
+
+    @property
+    def require_sync(self) -> bool:
+        return self.ddp.require_backward_grad_sync if self.ddp is not None else True
+
+    def finish(self) -> None:
+        # DDP finishes its reductions inside backward (an autograd end-of-backward callback).
+        return None
+
+    def remove(self) -> None:
+        self.ddp = None
+
+    def __repr__(self) -> str:
+        return f"DDPGradientHandler({', '.join(f'{k}={v}' for k, v in self.ddp_kwargs.items())})"
+
+
+@register_gradient_handler("allreduce")
+class FlatAllReduceGradientHandler(GradientHandler):
+    """Baseline: after backward, flatten all gradients of a kind into one tensor, all-reduce it,
+    copy back. Simple and slow (no overlap, two extra copies); kept to measure against.
+    Parameters without a gradient on any rank keep ``.grad = None``, as with the other handlers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._groups: list[tuple[ReductionPlan, list[torch.nn.Parameter]]] = []
+        self._handles: list[Any] = []
+        self._dirty = False
+
+    def setup(self, module: torch.nn.Module, ctx: "ParallelContext | None") -> torch.nn.Module:
+        self.remove()
+        resolver = GroupResolver(ctx)
+        groups: dict[tuple, tuple[ReductionPlan, list[torch.nn.Parameter]]] = {}
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            plan = resolver.plan(p, name)
+            if plan.communicates:
+                groups.setdefault((p.device, p.dtype, plan.key), (plan, []))[1].append(p)
+                # Only to know whether a backward ran since the last finish.
+                self._handles.append(p.register_post_accumulate_grad_hook(self._mark))
+        self._groups = list(groups.values())
+        return module
+
+    def _mark(self, _: torch.Tensor) -> None:
+        self._dirty = True
+
+    def finish(self) -> None:
+        if not self.require_sync or not self._dirty:
+            return
+        for plan, params in self._groups:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            used = torch.tensor([float(p.grad is not None) for p in params], dtype=params[0].dtype,
+                                device=params[0].device)
+            flat = _flatten_dense_tensors(grads + [used])
+            flat.mul_(1.0 / plan.replica_size)
+            if plan.tensor is not None:  # sum over TENSOR, then average over the replicas
+                dist.all_reduce(flat, group=plan.tensor)
+            if plan.replica is not None:
+                dist.all_reduce(flat, group=plan.replica)
+            *reduced, counts = _unflatten_dense_tensors(flat, grads + [used])
+            for p, new, count in zip(params, reduced, counts.tolist()):
+                if p.grad is not None:
+                    p.grad.copy_(new)
+                elif count > 0:
+                    p.grad = new
+        self._dirty = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._groups = []

@@ -1,0 +1,413 @@
+"""The data-parallel gradient hook: flat buckets, gradient views, async bucketed all-reduce.
+
+Design notes (why it is shaped like this):
+
+- Each parameter's ``.grad`` becomes a view into a flat bucket, so communication reads and writes
+  the gradients in place and nothing is copied back after the all-reduce.
+- With ``zero_grad(set_to_none=True)`` (Lightning's default) the next backward allocates a fresh
+  ``.grad`` (TRAPS.md #16). Re-pointing ``.grad`` at a zeroed view before backward would cost a
+  zero-fill plus an accumulate (read 2, write 1) per element. Instead the post-accumulate hook
+  sees the fresh tensor, copies it into its view while scaling by 1/replicas (one pass, the same
+  traffic as DDP with ``gradient_as_bucket_view=True``) and re-points ``.grad`` at the view. When
+  ``.grad`` already is the view (``set_to_none=False``, or accumulation), it is scaled in place.
+- Averaging = scale before a SUM all-reduce: gloo has no AVG, and pre-scaling keeps fp16/bf16
+  buckets from overflowing. For power-of-two replica counts it is bit-identical to DDP.
+- Buckets are launched strictly in one fixed order (reverse parameter order, like DDP), whatever
+  order they complete in, so every rank issues the same collectives in the same sequence.
+- Every bucket carries one extra element per parameter, set to 1 where this rank produced a
+  gradient: after the SUM it counts the ranks that used the parameter, which gives DDP's
+  ``find_unused_parameters=True`` semantics (globally unused -> ``.grad`` untouched, e.g. None)
+  without a second collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from .base import as_dtype
+from .groups import GroupResolver, ReductionPlan
+
+if TYPE_CHECKING:
+    from ..context import ParallelContext
+
+__all__ = ["DataParallelGradientHook"]
+
+_ALIGN_BYTES = 64  # each view starts on a cache line: vectorised copies stay aligned
+_MB = 1024 * 1024
+
+
+class _Slot:
+    __slots__ = ("param", "name", "bucket", "view", "ready", "seen", "unused", "restore")
+
+    def __init__(self, param: torch.nn.Parameter, name: str, bucket: "_Bucket", view: torch.Tensor):
+        self.param = param
+        self.name = name
+        self.bucket = bucket
+        self.view = view
+        self.ready = False  # absorbed into the bucket during the synchronising backward
+        self.seen = False  # got a gradient since the last finish (any micro-batch)
+        self.unused = False  # contributed zeros at launch: no gradient on this rank
+        self.restore: torch.Tensor | None = None  # its .grad before launch, kept if globally unused
+
+
+class _Bucket:
+    __slots__ = ("index", "plan", "dtype", "comm_dtype", "slots", "numel", "buffer", "grads", "comm",
+                 "comm_grads", "flags", "scale", "hook_scale", "upcast", "pending", "has_unused", "work",
+                 "stage")
+
+    def __init__(self, plan: ReductionPlan, dtype: torch.dtype, comm_dtype: torch.dtype):
+        self.plan = plan
+        self.dtype = dtype
+        self.comm_dtype = comm_dtype
+        self.slots: list[_Slot] = []
+        self.numel = 0
+        self.index = -1
+        self.scale = 1.0 / plan.replica_size
+        # Same dtype: scale while copying into the bucket (one pass). Otherwise the bucket holds
+        # raw gradients and the scale is applied while casting into the communication buffer.
+        self.hook_scale = self.scale if comm_dtype == dtype else 1.0
+        self.upcast = comm_dtype.itemsize > dtype.itemsize
+        self.pending = 0
+        self.has_unused = False
+        self.work: Any = None
+        self.stage = 0
+
+    @property
+    def two_stage(self) -> bool:
+        return self.plan.tensor is not None and self.plan.replica is not None
+
+
+class DataParallelGradientHook:
+    """Synchronise a module's gradients over exactly the ranks holding replicas of each parameter.
+
+    Usable with or without Lightning::
+
+        hook = DataParallelGradientHook(model, ctx)           # ctx=None: plain DP over the world
+        for step, batch in ...:
+            opt.zero_grad(set_to_none=True)
+            with hook.no_sync() if not last_micro_batch else contextlib.nullcontext():
+                loss(model(batch)).backward()
+            hook.finish()                                     # before clipping / opt.step()
+            opt.step()
+
+    Dense parameters are averaged over ``dense_replica`` (DATA x SEQUENCE x EXPERT), expert ones
+    (``markers.is_expert``) over ``expert_replica`` (DATA x SEQUENCE); sequence-parallel-marked
+    ones (``markers.is_sequence_parallel``) are first summed over ``tensor``. Parameters with
+    ``requires_grad=False`` and parameters whose groups are all size 1 are left alone.
+
+    Unused parameters follow DDP's ``find_unused_parameters=True``: a parameter that got no
+    gradient on any rank keeps its ``.grad`` (None after ``zero_grad(set_to_none=True)``); one
+    that got a gradient on some ranks gets the average, with zeros from the others.
+    """
+
+    def __init__(self, module: "torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]]",
+                 ctx: "ParallelContext | None" = None, *, bucket_cap_mb: float = 25.0,
+                 first_bucket_cap_mb: float | None = None, reduce_dtype: "str | torch.dtype | None" = None,
+                 compress: "str | torch.dtype | None" = None):
+        if not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
+        if first_bucket_cap_mb is not None and not first_bucket_cap_mb > 0:
+            raise ValueError(f"first_bucket_cap_mb must be > 0 or None, got {first_bucket_cap_mb!r}")
+        self.reduce_dtype = as_dtype(reduce_dtype, "reduce_dtype")
+        self.compress = as_dtype(compress, "compress")
+        if self.reduce_dtype is not None and self.compress is not None:
+            raise ValueError("reduce_dtype (reduce in a wider dtype) and compress (communicate in a narrower one) "
+                             "contradict each other; set one of them")
+        if self.compress is not None and self.compress.itemsize != 2:
+            raise ValueError(f"compress must be a 16-bit dtype (fp16 or bf16), got {self.compress}")
+        self.bucket_cap_mb = float(bucket_cap_mb)
+        self.first_bucket_cap_mb = first_bucket_cap_mb
+        self.ctx = ctx
+        self._require_sync = True
+        self._window = False  # some gradient arrived since the last finish
+        self._sync_started = False  # a synchronising backward has absorbed gradients
+        self._next = 0  # index of the next bucket to launch
+        self._handles: list[Any] = []
+
+        named = list(module.named_parameters()) if isinstance(module, torch.nn.Module) else list(module)
+        self._buckets = self._build_buckets(named, GroupResolver(ctx))
+        for bucket in self._buckets:
+            for slot in bucket.slots:
+                self._handles.append(slot.param.register_post_accumulate_grad_hook(self._make_hook(slot)))
+
+    # ------------------------------------------------------------------ building
+    def _comm_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if self.reduce_dtype is not None and dtype.itemsize < self.reduce_dtype.itemsize:
+            return self.reduce_dtype
+        if self.compress is not None and dtype.itemsize > self.compress.itemsize:
+            return self.compress
+        return dtype
+
+    def _build_buckets(self, named: list[tuple[str, torch.nn.Parameter]], resolver: GroupResolver) -> list[_Bucket]:
+        seen: set[int] = set()
+        order: list[tuple[str, torch.nn.Parameter]] = []
+        for name, p in named:
+            if id(p) in seen or not p.requires_grad:  # tied parameters: one slot
+                continue
+            seen.add(id(p))
+            order.append((name, p))
+        order.reverse()  # gradients arrive roughly in reverse registration order
+
+        open_buckets: dict[tuple, tuple[_Bucket, list[tuple[str, torch.nn.Parameter]], int]] = {}
+        closed: list[tuple[int, _Bucket, list[tuple[str, torch.nn.Parameter]]]] = []
+        last_position: dict[tuple, int] = {}
+        first = True
+        for position, (name, p) in enumerate(order):
+            plan = resolver.plan(p, name)
+            if not plan.communicates:
+                continue
+            if p.is_sparse:
+                raise TypeError(f"parameter {name!r} has a sparse gradient layout; the bucketed hook handles dense "
+                                f"parameters only (use the 'ddp' handler)")
+            key = (p.device, p.dtype, plan.key)
+            if key not in open_buckets:
+                cap = self.first_bucket_cap_mb if first and self.first_bucket_cap_mb is not None else self.bucket_cap_mb
+                first = False
+                open_buckets[key] = (_Bucket(plan, p.dtype, self._comm_dtype(p.dtype)), [], int(cap * _MB))
+            bucket, members, cap_bytes = open_buckets[key]
+            # The cap is a maximum (DDP closes a bucket only once it reaches the cap, so its buckets
+            # overshoot): smaller buckets start their all-reduce earlier during backward.
+            if members and (bucket.numel + p.numel()) * p.element_size() > cap_bytes:
+                closed.append((last_position[key], bucket, members))
+                bucket = _Bucket(plan, p.dtype, self._comm_dtype(p.dtype))
+                members = []
+                open_buckets[key] = (bucket, members, int(self.bucket_cap_mb * _MB))
+            members.append((name, p))
+            bucket.numel += p.numel()
+            last_position[key] = position
+        for key, (bucket, members, _) in open_buckets.items():
+            closed.append((last_position[key], bucket, members))
+        # A bucket is complete when its last member's gradient arrives: launch in that order.
+        closed.sort(key=lambda item: item[0])
+        buckets = []
+        for index, (_, bucket, members) in enumerate(closed):
+            bucket.index = index
+            self._allocate(bucket, members)
+            buckets.append(bucket)
+        return buckets
+
+    @staticmethod
+    def _allocate(bucket: _Bucket, members: list[tuple[str, torch.nn.Parameter]]) -> None:
+        align = max(1, _ALIGN_BYTES // bucket.dtype.itemsize)
+        offsets, total = [], 0
+        for _, p in members:
+            offsets.append(total)
+            total += math.ceil(p.numel() / align) * align
+        device = members[0][1].device
+        n = len(members)
+        separate = bucket.comm_dtype != bucket.dtype
+        # The per-parameter "used" counters ride at the end of whatever buffer is communicated.
+        bucket.buffer = torch.zeros(total + (0 if separate else n), dtype=bucket.dtype, device=device)
+        bucket.grads = bucket.buffer[:total]
+        bucket.comm = torch.zeros(total + n, dtype=bucket.comm_dtype, device=device) if separate else bucket.buffer
+        bucket.comm_grads = bucket.comm[:total]
+        bucket.flags = bucket.comm[total:]
+        for (name, p), offset in zip(members, offsets):
+            view = _view_like(bucket.buffer, offset, p)
+            if p.grad is not None:  # keep what is already accumulated
+                view.copy_(p.grad)
+                p.grad = view
+            bucket.slots.append(_Slot(p, name, bucket, view))
+        bucket.numel = total
+        bucket.pending = n
+
+    # ------------------------------------------------------------------ the hook
+    def _make_hook(self, slot: _Slot):  # noqa: ANN202 - torch's hook signature
+        def hook(param: torch.Tensor) -> None:
+            if not self._require_sync:
+                if self._sync_started:
+                    raise RuntimeError(
+                        f"parameter {slot.name!r} got a gradient inside no_sync() after a synchronising backward "
+                        f"whose reduction was not finished; call finish() before the next accumulation window"
+                    )
+                slot.seen = True
+                self._window = True
+                return
+            if slot.ready:
+                raise RuntimeError(
+                    f"parameter {slot.name!r} got a second gradient in one synchronisation window (its bucket "
+                    f"is already reduced or scaled); run earlier backward passes inside no_sync(), or call "
+                    f"finish() between backward passes"
+                )
+            self._window = True
+            self._sync_started = True
+            slot.seen = True
+            self._absorb(slot)
+            slot.ready = True
+            bucket = slot.bucket
+            bucket.pending -= 1
+            if bucket.pending == 0 and bucket.index == self._next:
+                self._launch_in_order()
+
+        return hook
+
+    @staticmethod
+    def _absorb(slot: _Slot) -> None:
+        """Move this rank's gradient into the bucket (scaled), leave ``.grad`` as the view."""
+        p, view = slot.param, slot.view
+        grad = p.grad
+        scale = slot.bucket.hook_scale
+        if grad is None:
+            view.zero_()
+            p.grad = view
+        elif grad is view:
+            if scale != 1.0:
+                view.mul_(scale)
+        else:
+            if scale != 1.0:
+                torch.mul(grad, scale, out=view)
+            else:
+                view.copy_(grad)
+            p.grad = view
+
+    def _launch_in_order(self) -> None:
+        buckets = self._buckets
+        while self._next < len(buckets) and buckets[self._next].pending == 0:
+            self._launch(buckets[self._next])
+            self._next += 1
+
+    def _launch(self, bucket: _Bucket) -> None:
+        if bucket.pending:
+            for slot in bucket.slots:
+                if slot.ready:
+                    continue
+                if slot.seen:  # accumulated in earlier micro-batches only
+                    self._absorb(slot)
+                else:
+                    slot.restore = slot.param.grad
+                    slot.view.zero_()
+                    slot.unused = True
+                    bucket.has_unused = True
+                slot.ready = True
+            bucket.pending = 0
+        if bucket.has_unused:
+            bucket.flags.copy_(torch.tensor([0.0 if s.unused else 1.0 for s in bucket.slots]))
+        else:
+            bucket.flags.fill_(1.0)
+        if bucket.comm is not bucket.buffer:
+            if bucket.upcast:  # scale in the wide dtype: no extra rounding in the narrow one
+                bucket.comm_grads.copy_(bucket.grads)
+                if bucket.scale != 1.0:
+                    bucket.comm_grads.mul_(bucket.scale)
+            else:
+                torch.mul(bucket.grads, bucket.scale, out=bucket.comm_grads)
+        plan = bucket.plan
+        # Sum over TENSOR first (sequence-parallel params); the replica average follows in finish().
+        group = plan.tensor if plan.tensor is not None else plan.replica
+        bucket.work = dist.all_reduce(bucket.comm, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        bucket.stage = 1
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def require_sync(self) -> bool:
+        return self._require_sync
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate locally, with no communication."""
+        previous = self._require_sync
+        self._require_sync = False
+        try:
+            yield
+        finally:
+            self._require_sync = previous
+
+    def finish(self) -> None:
+        """Launch the buckets not launched yet (unused parameters contribute zeros), wait for all,
+        and leave every reduced ``.grad`` averaged. No-op inside ``no_sync()``, when no gradient
+        arrived since the last call, and when called twice."""
+        if not self._require_sync or not self._window:
+            return
+        buckets = self._buckets
+        while self._next < len(buckets):
+            self._launch(buckets[self._next])
+            self._next += 1
+        # Stage two (sequence-parallel buckets) only after every first stage is launched, in the
+        # fixed bucket order: all ranks then issue the replica collectives identically.
+        for bucket in buckets:
+            if bucket.two_stage:
+                bucket.work.wait()
+                bucket.work = dist.all_reduce(bucket.comm, op=dist.ReduceOp.SUM, group=bucket.plan.replica,
+                                              async_op=True)
+                bucket.stage = 2
+        for bucket in buckets:
+            bucket.work.wait()
+            bucket.work = None
+            if bucket.comm is not bucket.buffer:
+                bucket.grads.copy_(bucket.comm_grads)
+            if bucket.has_unused:
+                counts = bucket.flags.tolist()
+                for slot, count in zip(bucket.slots, counts):
+                    if slot.unused:
+                        slot.param.grad = slot.view if count > 0 else slot.restore
+        self._reset()
+
+    def _reset(self) -> None:
+        for bucket in self._buckets:
+            for slot in bucket.slots:
+                slot.ready = slot.seen = slot.unused = False
+                slot.restore = None
+            bucket.pending = len(bucket.slots)
+            bucket.has_unused = False
+            bucket.work = None
+            bucket.stage = 0
+        self._next = 0
+        self._window = False
+        self._sync_started = False
+
+    def remove(self) -> None:
+        """Remove the hooks. Reductions already in flight are waited for; gradients stay where they are."""
+        for bucket in self._buckets:
+            if bucket.work is not None:
+                bucket.work.wait()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._reset()
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def buckets(self) -> list[dict[str, Any]]:
+        """One entry per bucket, in launch order: dtypes, sizes, parameter names, groups."""
+        return [
+            {"index": b.index, "dtype": b.dtype, "comm_dtype": b.comm_dtype, "numel": b.numel,
+             "bytes": b.comm.numel() * b.comm.element_size(), "params": [s.name for s in b.slots],
+             "replica_ranks": b.plan.replica_ranks if b.plan.replica is not None else (),
+             "tensor_ranks": b.plan.tensor_ranks if b.plan.tensor is not None else ()}
+            for b in self._buckets
+        ]
+
+    def communication_buffers(self) -> list[torch.Tensor]:
+        """The flat tensors each bucket all-reduces (for benchmarks)."""
+        return [b.comm for b in self._buckets]
+
+    def __repr__(self) -> str:
+        total = sum(b.comm.numel() * b.comm.element_size() for b in self._buckets) / _MB
+        return (f"DataParallelGradientHook({len(self._buckets)} buckets, {total:.1f} MB, "
+                f"bucket_cap_mb={self.bucket_cap_mb}, reduce_dtype={self.reduce_dtype}, compress={self.compress})")
+
+
+def _dense_layout(p: torch.Tensor) -> bool:
+    """True when ``p``'s strides cover exactly ``numel`` elements (any permutation of dims)."""
+    expected = 1
+    for d in sorted(range(p.dim()), key=p.stride):
+        if p.size(d) == 1:
+            continue
+        if p.stride(d) != expected:
+            return False
+        expected *= p.size(d)
+    return True
+
+
+def _view_like(flat: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
+    # AccumulateGrad keeps .grad in the parameter's layout (channels_last etc.); a view with the
+    # same strides lets it accumulate in place instead of replacing the view.
+    if p.is_contiguous() or not _dense_layout(p):
+        return flat.narrow(0, offset, p.numel()).view(p.shape)
+    return flat.as_strided(p.shape, p.stride(), offset)
