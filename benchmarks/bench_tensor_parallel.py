@@ -1,0 +1,151 @@
+"""Tensor-parallel MLP and attention block, fwd+bwd: lightning_parallelctx.nn against torch's
+``parallelize_module`` with ColwiseParallel / RowwiseParallel (DTensor), same shapes, same ranks.
+
+2 processes, gloo, tp=2. Both variants are built from the same seed and checked to produce the
+same output before timing. One step = zero_grad(set_to_none=True) + forward + backward with a
+fixed upstream gradient. Variants run interleaved round-robin (rotating which goes first), each
+rank's main thread pinned to its own core, one torch thread, glibc MALLOC_* thresholds set
+(BENCHMARKING.md); a step's time is the max over ranks; medians are reported as ratios.
+
+    python benchmarks/bench_tensor_parallel.py [--rounds 30] [--warmup 5] [--d-model 512] [--tokens 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+
+
+def _reexec_with_malloc_env() -> None:
+    # glibc reads these at process start: set them and restart, so every process we start has them.
+    if all(os.environ.get(k) == v for k, v in _MALLOC.items()):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+
+
+def _build(torch, kind: str, impl: str, d: int, heads: int, ctx):
+    """The MLP (fc1 -> gelu -> fc2, hidden 4d) or attention (q, k, v -> causal SDPA -> o) block."""
+    import torch.nn.functional as F
+
+    import lightning_parallelctx.nn as N
+
+    class MLP(torch.nn.Module):
+        def __init__(self, col, row):
+            super().__init__()
+            self.fc1, self.fc2 = col(d, 4 * d), row(4 * d, d)
+
+        def forward(self, x):
+            return self.fc2(F.gelu(self.fc1(x)))
+
+    class Attention(torch.nn.Module):
+        def __init__(self, col, row):
+            super().__init__()
+            self.q, self.k, self.v = col(d, d), col(d, d), col(d, d)
+            self.o = row(d, d)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q, k, v = (p(x) for p in (self.q, self.k, self.v))
+            local = q.shape[-1]  # d / tp under either implementation: heads split over ranks
+            q, k, v = (t.view(b, s, local * heads // d, d // heads).transpose(1, 2) for t in (q, k, v))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.o(a.transpose(1, 2).reshape(b, s, local))
+
+    cls = MLP if kind == "mlp" else Attention
+    torch.manual_seed(0)
+    if impl == "parallelctx":
+        return cls(N.ColumnParallelLinear, N.RowParallelLinear)
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    model = cls(torch.nn.Linear, torch.nn.Linear)
+    plan = ({"fc1": ColwiseParallel(), "fc2": RowwiseParallel()} if kind == "mlp" else
+            {"q": ColwiseParallel(), "k": ColwiseParallel(), "v": ColwiseParallel(), "o": RowwiseParallel()})
+    return parallelize_module(model, ctx.device_mesh["tp"], plan)
+
+
+def _worker(rank: int, world_size: int, args: dict) -> dict:
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[rank % len(cpus)]})  # before the process group: gloo threads inherit it
+    import torch
+    import torch.distributed as dist
+
+    from lightning_parallelctx import ParallelContext
+    from lightning_parallelctx.distributed import set_current_context
+
+    torch.set_num_threads(1)
+    ctx = ParallelContext.from_torch(tensor_parallel_size=world_size)
+    set_current_context(ctx)
+    d, tokens, heads = args["d_model"], args["tokens"], args["heads"]
+    batch = args["batch"]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, tokens // batch, d, generator=gen)
+    g = torch.randn(batch, tokens // batch, d, generator=gen)
+
+    variants = {}
+    check = {}
+    for kind in ("mlp", "attention"):
+        outs = {}
+        for impl in ("parallelctx", "torch-DTensor"):
+            model = _build(torch, kind, impl, d, heads, ctx)
+            variants[f"{kind}/{impl}"] = model
+            outs[impl] = model(x.clone().requires_grad_()).detach()
+        check[kind] = float((outs["parallelctx"] - outs["torch-DTensor"]).abs().max())
+    names = list(variants)
+
+    def step(name: str) -> float:
+        model = variants[name]
+        xi = x.clone().requires_grad_()
+        dist.barrier()  # both ranks start together
+        t0 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        model(xi).backward(g)
+        return time.perf_counter() - t0
+
+    times = {n: [] for n in names}
+    for r in range(args["warmup"] + args["rounds"]):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t = step(name)
+            if r >= args["warmup"]:
+                times[name].append(t)
+    rows = {}
+    for n in names:
+        t = torch.tensor(times[n], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
+        rows[n] = t.tolist()
+    ctx.destroy()
+    return {"times": rows, "check": check}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=512, help="batch * sequence")
+    parser.add_argument("--batch", type=int, default=4)
+    args = parser.parse_args()
+    _reexec_with_malloc_env()
+    from lightning_parallelctx.testing import spawn
+
+    started = time.perf_counter()
+    res = spawn(_worker, 2, dict(vars(args)), timeout=3600)[0]
+    wall = time.perf_counter() - started
+    print(f"2 ranks, gloo, tp=2, d_model={args.d_model} (MLP hidden {4 * args.d_model}, {args.heads} heads), "
+          f"{args.tokens} tokens (batch {args.batch}); fwd+bwd; {args.rounds} rounds (+{args.warmup} warm-up) "
+          f"interleaved; step = max over ranks; wall {wall:.0f} s")
+    print(f"{'block':<11}{'parallelctx ms':>16}{'torch TP ms':>13}{'ratio':>8}{'  max |out diff|':>17}")
+    for kind in ("mlp", "attention"):
+        ours = statistics.median(res["times"][f"{kind}/parallelctx"])
+        theirs = statistics.median(res["times"][f"{kind}/torch-DTensor"])
+        print(f"{kind:<11}{ours * 1e3:>16.2f}{theirs * 1e3:>13.2f}{ours / theirs:>8.3f}{res['check'][kind]:>17.2e}")
+
+
+if __name__ == "__main__":
+    main()
