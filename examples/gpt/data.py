@@ -61,3 +61,6 @@ class GPTDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self._batch_size(), drop_last=True)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

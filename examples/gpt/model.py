@@ -37,7 +37,9 @@ class Attention(nn.Module):
         self.context, self.local_heads, self.head_dim = context, n_heads // tp, d_model // n_heads
         # Separate q/k/v projections keep whole heads together in each column shard.
         self.q = ColumnParallelLinear(d_model, d_model, context=context)
-        self.k = ColumnParallelLinear(d_model, d_model, context=context)
+        # No key bias: softmax ignores a shift shared by all keys, so its gradient is exactly zero
+        # and an adaptive optimizer would only amplify rounding noise in it.
+        self.k = ColumnParallelLinear(d_model, d_model, bias=False, context=context)
         self.v = ColumnParallelLinear(d_model, d_model, context=context)
         self.out = RowParallelLinear(d_model, d_model, context=context)
 

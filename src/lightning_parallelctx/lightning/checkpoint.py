@@ -211,7 +211,8 @@ def consolidate_to_file(path: str | Path, out: str | Path) -> Path:
 def gather_full_state_dict(module: torch.nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """Collective over the model's shards: the full (unsharded) state dict of ``module`` on every
     rank, by the same rules as :func:`consolidate_checkpoint`."""
-    mine = {"state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+    # A copy: on CPU .cpu() is the live tensor, which training would keep changing.
+    mine = {"state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
             "pctx": shard_layout(module, ctx)}
     if ctx.get_world_size("model_parallel") == 1:
         return consolidate_shards([mine])
