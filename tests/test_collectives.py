@@ -209,7 +209,19 @@ def test_collectives_match_reference(world_size: int, sizes: dict) -> None:
         assert res["checks"] > 300  # the case grid really ran
 
 
-def test_single_process_needs_no_context() -> None:
+@pytest.fixture
+def no_live_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as if no ParallelContext had been built in it (another test may have left one)."""
+    import weakref
+
+    import lightning_parallelctx.context as context_module
+    import lightning_parallelctx.distributed._state as state_module
+
+    monkeypatch.setattr(context_module, "_LIVE", weakref.WeakSet())
+    monkeypatch.setattr(state_module, "_current", None)
+
+
+def test_single_process_needs_no_context(no_live_context: None) -> None:
     """Without torch.distributed every mode has size 1: layers and collectives run unchanged."""
     x = torch.randn(4, 6, requires_grad=True)
     assert not D.is_initialized()

@@ -276,7 +276,19 @@ def test_layers_match_unsplit_torch(world_size: int, sizes: dict) -> None:
         assert res["checks"] > (150 if world_size == 2 else 300)
 
 
-def test_layers_single_process_equal_torch() -> None:
+@pytest.fixture
+def no_live_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as if no ParallelContext had been built in it (another test may have left one)."""
+    import weakref
+
+    import lightning_parallelctx.context as context_module
+    import lightning_parallelctx.distributed._state as state_module
+
+    monkeypatch.setattr(context_module, "_LIVE", weakref.WeakSet())
+    monkeypatch.setattr(state_module, "_current", None)
+
+
+def test_layers_single_process_equal_torch(no_live_context: None) -> None:
     """Without a context (every group of size 1) the layers are their torch counterparts."""
     torch.manual_seed(3)
     ref = torch.nn.Sequential(torch.nn.Embedding(10, 6), torch.nn.Linear(6, 8), torch.nn.Linear(8, 10))
