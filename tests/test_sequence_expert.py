@@ -177,16 +177,39 @@ def _dispatch_cases(fails: list[str], mode: str) -> int:
     return 1
 
 
+def _seq_head_roundtrip(fails: list[str], mode: str) -> int:
+    """sequence_to_heads / heads_to_sequence alone: values, inverse, gradients, uneven slices."""
+    n, r = D.get_world_size(mode), D.get_rank(mode)
+    checks = 0
+    for seq, heads in ((4 * n, 2 * n), (3 * n + 1, 2 * n + 1)):
+        gen = torch.Generator().manual_seed(seq)
+        full = torch.randn(2, seq, heads, 3, generator=gen, dtype=F64)
+        g = torch.randn(2, seq, heads, 3, generator=gen, dtype=F64)
+        x = full.tensor_split(n, 1)[r].clone().requires_grad_()
+        h = D.sequence_to_heads(x, 1, 2, mode)
+        ok = torch.equal(h.detach(), full.tensor_split(n, 2)[r])
+        back = D.heads_to_sequence(h * 2, 1, 2, mode, num_heads=heads)
+        ok &= torch.equal(back.detach(), 2 * x.detach())
+        back.backward(g.tensor_split(n, 1)[r])
+        ok &= torch.equal(x.grad, 2 * g.tensor_split(n, 1)[r])
+        checks += 1
+        if not ok:
+            fails.append(f"sequence_to_heads/heads_to_sequence [{mode} n={n} seq={seq} heads={heads}]")
+    return checks
+
+
 def _block_worker(rank: int, world_size: int, sizes: dict, plan: list) -> dict:
     ctx = ParallelContext.from_torch(**sizes)
     D.set_current_context(ctx)
     fails: list[str] = []
-    checks = 0
+    block_checks = seq_checks = 0
     for i, (label, kwargs) in enumerate(plan):
         for seq in (8, 7):  # even and uneven (tensor_split) sequence slices
-            checks += _compare_block(fails, label, 10 + i, seq, **kwargs)
+            block_checks += _compare_block(fails, label, 10 + i, seq, **kwargs)
+    for mode in sorted({kw["ulysses"] for _, kw in plan if kw["ulysses"]}):
+        seq_checks += _seq_head_roundtrip(fails, mode)
     ctx.destroy()
-    return {"failures": fails, "checks": checks}
+    return {"failures": fails, "checks": block_checks, "seq_checks": seq_checks}
 
 
 def _moe_worker(rank: int, world_size: int, sizes: dict) -> dict:
@@ -226,6 +249,7 @@ def test_transformer_block_equals_unsplit(world_size: int, sizes: dict, plan: li
     for rank, res in enumerate(results):
         assert res["failures"] == [], f"rank {rank}: {res['failures'][:10]}"
         assert res["checks"] == len(plan) * 2 * 18  # forward, input grad, 16 parameters
+        assert res["seq_checks"] == 2 * len({kw["ulysses"] for _, kw in plan if kw["ulysses"]})
 
 
 @pytest.mark.parametrize("world_size,sizes", [(2, {"expert_parallel_size": 2}),

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..mode import ParallelMode
-from ._comm import normalize_dim, split_sizes
+from ._comm import normalize_dim
 from ._state import ContextLike, group_info
 from .collectives import all_to_all, resolve_sizes
 
@@ -58,7 +58,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     head_dim = normalize_dim(head_dim, q.dim(), "head_dim")
     # One exchange of the slice sizes serves all four all-to-alls.
     sizes = resolve_sizes(seq_sizes, q.shape[seq_dim], g, q.device, "seq_sizes")
-    qh, kh, vh = (all_to_all(t, head_dim, seq_dim, mode, gather_sizes=sizes, context=context) for t in (q, k, v))
+    qh, kh, vh = (sequence_to_heads(t, seq_dim, head_dim, mode, seq_sizes=sizes, context=context) for t in (q, k, v))
     out = attn_fn(qh, kh, vh, **attn_kwargs)
-    return all_to_all(out, seq_dim, head_dim, mode, scatter_sizes=sizes,
-                      gather_sizes=split_sizes(q.shape[head_dim], g.size), context=context)
+    return heads_to_sequence(out, seq_dim, head_dim, mode, seq_sizes=sizes, num_heads=q.shape[head_dim],
+                             context=context)
