@@ -12,14 +12,15 @@ from __future__ import annotations
 import re
 import weakref
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Union
 
 import torch.distributed as dist
 
 from ..errors import ParallelCtxError
 from ..mode import ParallelMode, mode_name
 
-ModeArg = "ParallelMode | str"
+#: A mode as every call accepts it: the enum member or its string value.
+ModeArg = Union[ParallelMode, str]
 
 
 class ContextLike(Protocol):

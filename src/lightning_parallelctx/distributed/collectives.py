@@ -29,7 +29,7 @@ No function modifies its input in place; outputs that communicate are new tensor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Union
 
 import torch
 
@@ -39,7 +39,8 @@ from . import _comm
 from ._comm import exchange_sizes, normalize_dim, split_sizes
 from ._state import ContextLike, GroupInfo, group_info
 
-Sizes = "int | Sequence[int] | None"
+#: Piece sizes: None (exchange them), the full size (tensor_split pieces) or one size per rank.
+Sizes = Union[int, Sequence[int], None]
 _TENSOR = ParallelMode.TENSOR
 
 
