@@ -127,8 +127,10 @@ def _sequence_parallel_linear_cases(c: _Checker, mode: str, seed: int) -> None:
         (ref2(torch.tanh(ref1(xr))) * g_full).sum().backward()
         mine = x_full.tensor_split(n, seq_dim)[r]
         x = mine.clone().requires_grad_()
-        y = row(torch.tanh(col(x)))
-        c.close(y, ref2(torch.tanh(ref1(x_full))).tensor_split(n, seq_dim)[r], f"SP forward {tag}")
+        # Slice lengths: exchanged, or given as the full length / the per-rank list.
+        hint = [None, seq, [p.shape[seq_dim] for p in x_full.tensor_split(n, seq_dim)]][seq % 3]
+        y = row(torch.tanh(col(x, sequence_sizes=hint)))
+        c.close(y, ref2(torch.tanh(ref1(x_full))).tensor_split(n, seq_dim)[r], f"SP forward {tag} hint={hint}")
         y.backward(g_full.tensor_split(n, seq_dim)[r].contiguous())
         c.close(x.grad, xr.grad.tensor_split(n, seq_dim)[r], f"SP input grad {tag}")
         c.close(col.weight.grad, _shard(ref1.weight.grad, n, r, 0), f"SP column weight grad {tag}")

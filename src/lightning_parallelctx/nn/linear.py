@@ -20,6 +20,8 @@ are summed over TENSOR; the row bias is marked here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -73,12 +75,15 @@ class ColumnParallelLinear(_ParallelLayer):
         if bias is not None and self.bias is not None:
             self.bias.copy_(bias.chunk(self.world_size, 0)[self.rank])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sequence_sizes: "int | Sequence[int] | None" = None) -> torch.Tensor:
+        """``sequence_sizes`` (sequence parallelism only): the full sequence length (slices as
+        ``torch.tensor_split``) or every rank's slice length. Without it the slice lengths are
+        exchanged first, one small all-gather per call."""
         g = self._group()
         if g.size > 1:
             ctx = self._context
-            x = (C.all_gather(x, self.sequence_dim, self.mode, context=ctx) if self.sequence_parallel
-                 else C.copy(x, self.mode, context=ctx))
+            x = (C.all_gather(x, self.sequence_dim, self.mode, sizes=sequence_sizes, context=ctx)
+                 if self.sequence_parallel else C.copy(x, self.mode, context=ctx))
         y = F.linear(x, self.weight, self.bias)
         if self.gather_output and g.size > 1:
             y = C.gather(y, -1, self.mode, sizes=self.out_features, context=self._context)
