@@ -13,8 +13,8 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from lightning_parallelctx import ParallelContext
 from lightning_parallelctx.errors import ParallelCtxError

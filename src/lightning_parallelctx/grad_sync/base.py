@@ -6,7 +6,7 @@ import contextlib
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar, Union, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import torch
 
@@ -44,7 +44,7 @@ class GradientHandler(ABC):
         self._require_sync = True
 
     @abstractmethod
-    def setup(self, module: torch.nn.Module, ctx: "ParallelContext | None") -> torch.nn.Module:
+    def setup(self, module: torch.nn.Module, ctx: ParallelContext | None) -> torch.nn.Module:
         """Attach to ``module``; return the module to train."""
 
     @abstractmethod
@@ -66,7 +66,7 @@ class GradientHandler(ABC):
         finally:
             self._require_sync = previous
 
-    def remove(self) -> None:  # noqa: B027 - handlers without hooks have nothing to undo
+    def remove(self) -> None:
         """Detach from the module (remove hooks). Safe to call twice."""
 
     def __repr__(self) -> str:
@@ -77,7 +77,7 @@ class GradientHandler(ABC):
 _REGISTRY: dict[str, type[GradientHandler]] = {}
 
 H = TypeVar("H", bound=type[GradientHandler])
-GradientHandlerSpec = Union[str, type[GradientHandler], GradientHandler, Mapping[str, Any], None]
+GradientHandlerSpec = str | type[GradientHandler] | GradientHandler | Mapping[str, Any] | None
 
 
 @overload
@@ -119,10 +119,10 @@ def _register(name: str, cls: Any, override: bool) -> Any:
         raise TypeError(f"{cls!r} is not a GradientHandler subclass; subclass "
                         f"lightning_parallelctx.grad_sync.GradientHandler")
     held = _REGISTRY.get(name)
-    if held is not None and held is not cls and not override:
-        # Same qualified name = the module was re-imported (e.g. a notebook re-run): take the new one.
-        if (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise ValueError(f"gradient handler name {name!r} is taken by {held.__module__}.{held.__qualname__}; "
+    # Same qualified name = the module was re-imported (e.g. a notebook re-run): take the new one.
+    if (held is not None and held is not cls and not override
+            and (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__)):
+        raise ValueError(f"gradient handler name {name!r} is taken by {held.__module__}.{held.__qualname__}; "
                              f"pick another name or pass override=True")
     _REGISTRY[name] = cls
     return cls
@@ -200,7 +200,7 @@ _DTYPES = {
 }
 
 
-def as_dtype(value: "str | torch.dtype | None", what: str) -> torch.dtype | None:
+def as_dtype(value: str | torch.dtype | None, what: str) -> torch.dtype | None:
     """``"bf16"``/``"float16"``/``torch.float32``... -> a floating torch dtype (None stays None)."""
     if value is None or isinstance(value, torch.dtype):
         dtype = value

@@ -55,7 +55,7 @@ def param_kind(param: torch.Tensor) -> tuple[bool, bool]:
 class GroupResolver:
     """Reduction plans per parameter kind, from a ParallelContext or (without one) the whole world."""
 
-    def __init__(self, ctx: "ParallelContext | None"):
+    def __init__(self, ctx: ParallelContext | None):
         self.ctx = ctx
         self._plans: dict[tuple[bool, bool], ReductionPlan] = {}
 

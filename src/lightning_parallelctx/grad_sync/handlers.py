@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,7 +42,7 @@ class BucketedGradientHandler(GradientHandler):
         self.compress = compress
         self.hook: DataParallelGradientHook | None = None
 
-    def setup(self, module: torch.nn.Module, ctx: "ParallelContext | None") -> torch.nn.Module:
+    def setup(self, module: torch.nn.Module, ctx: ParallelContext | None) -> torch.nn.Module:
         if self.hook is not None:
             self.hook.remove()
         self.hook = DataParallelGradientHook(module, ctx, bucket_cap_mb=self.bucket_cap_mb,
@@ -91,7 +90,7 @@ class DDPGradientHandler(GradientHandler):
         self.module: torch.nn.Module | None = None
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
 
-    def setup(self, module: torch.nn.Module, ctx: "ParallelContext | None") -> torch.nn.Module:
+    def setup(self, module: torch.nn.Module, ctx: ParallelContext | None) -> torch.nn.Module:
         expert = [n for n, p in module.named_parameters() if is_expert(p)]
         if expert:
             raise ParallelCtxError(
@@ -145,7 +144,7 @@ class FlatAllReduceGradientHandler(GradientHandler):
         self._handles: list[Any] = []
         self._dirty = False
 
-    def setup(self, module: torch.nn.Module, ctx: "ParallelContext | None") -> torch.nn.Module:
+    def setup(self, module: torch.nn.Module, ctx: ParallelContext | None) -> torch.nn.Module:
         self.remove()
         resolver = GroupResolver(ctx)
         groups: dict[tuple, tuple[ReductionPlan, list[torch.nn.Parameter]]] = {}

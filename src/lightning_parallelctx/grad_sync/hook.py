@@ -43,9 +43,9 @@ _MB = 1024 * 1024
 
 
 class _Slot:
-    __slots__ = ("param", "name", "bucket", "view", "ready", "seen", "unused", "restore")
+    __slots__ = ("bucket", "name", "param", "ready", "restore", "seen", "unused", "view")
 
-    def __init__(self, param: torch.nn.Parameter, name: str, bucket: "_Bucket", view: torch.Tensor):
+    def __init__(self, param: torch.nn.Parameter, name: str, bucket: _Bucket, view: torch.Tensor):
         self.param = param
         self.name = name
         self.bucket = bucket
@@ -57,9 +57,26 @@ class _Slot:
 
 
 class _Bucket:
-    __slots__ = ("index", "plan", "dtype", "comm_dtype", "slots", "numel", "buffer", "grads", "comm",
-                 "comm_grads", "flags", "scale", "hook_scale", "upcast", "pending", "has_unused", "work",
-                 "stage")
+    __slots__ = (
+        "buffer",
+        "comm",
+        "comm_dtype",
+        "comm_grads",
+        "dtype",
+        "flags",
+        "grads",
+        "has_unused",
+        "hook_scale",
+        "index",
+        "numel",
+        "pending",
+        "plan",
+        "scale",
+        "slots",
+        "stage",
+        "upcast",
+        "work",
+    )
 
     def __init__(self, plan: ReductionPlan, dtype: torch.dtype, comm_dtype: torch.dtype):
         self.plan = plan
@@ -106,10 +123,10 @@ class DataParallelGradientHook:
     that got a gradient on some ranks gets the average, with zeros from the others.
     """
 
-    def __init__(self, module: "torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]]",
-                 ctx: "ParallelContext | None" = None, *, bucket_cap_mb: float = 25.0,
-                 first_bucket_cap_mb: float | None = None, reduce_dtype: "str | torch.dtype | None" = None,
-                 compress: "str | torch.dtype | None" = None):
+    def __init__(self, module: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]],
+                 ctx: ParallelContext | None = None, *, bucket_cap_mb: float = 25.0,
+                 first_bucket_cap_mb: float | None = None, reduce_dtype: str | torch.dtype | None = None,
+                 compress: str | torch.dtype | None = None):
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
         if first_bucket_cap_mb is not None and not first_bucket_cap_mb > 0:
@@ -218,7 +235,7 @@ class DataParallelGradientHook:
         bucket.pending = n
 
     # ------------------------------------------------------------------ the hook
-    def _make_hook(self, slot: _Slot):  # noqa: ANN202 - torch's hook signature
+    def _make_hook(self, slot: _Slot):
         def hook(param: torch.Tensor) -> None:
             if not self._require_sync:
                 if self._sync_started:
