@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/cpu-tp2-dp2.yaml"
 QUICK = ["--trainer.max_steps=6", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-         "--trainer.enable_progress_bar=false", "--data.num_samples=64"]
+         "--data.num_samples=64"]
 FIT = ["-m", "lightning_parallelctx", "fit", "--config", CONFIG, *QUICK]
 LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_", "MV2_", "TORCHELASTIC_")
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
@@ -47,6 +47,23 @@ def final_loss(text: str) -> str:
     assert len(found) == 1, f"expected one 'final loss' line, got {found}:\n{text[-4000:]}"
     assert text.count(STARTED_4) == 1 and "Starting with 1 processes" not in text, text[-4000:]
     return found[0]
+
+
+def sbatch(args: list[str], env: dict[str, str], output: Path, timeout: float = 400) -> str:
+    """Submit, poll squeue twice a second (`sbatch --wait` polls far less often), return the output."""
+    import time
+
+    out = run(["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={output}", *args], timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + timeout
+    while run(["squeue", "-h", "-j", job], timeout=30, env=env).stdout.strip():
+        if time.monotonic() > deadline:
+            run(["scancel", job], timeout=30, env=env)
+            raise AssertionError(f"Slurm job {job} still running after {timeout} s (cancelled):\n"
+                                 + (output.read_text(errors="replace") if output.exists() else ""))
+        time.sleep(0.5)
+    return output.read_text(errors="replace") if output.exists() else ""
 
 
 def require(binary: str) -> None:
@@ -89,10 +106,8 @@ def test_mpirun_without_mpi4py(strategy_launched_loss: str, mpirun: list[str]) -
 def test_sbatch_example_script(strategy_launched_loss: str, slurm_env: dict[str, str], tmp_path: Path) -> None:
     require("sbatch")
     env = clean_env({"SLURM_CONF": slurm_env["SLURM_CONF"]})
-    out = run(["sbatch", "--wait", f"--chdir={ROOT}", f"--output={tmp_path}/job-%j.out",
-               "examples/slurm/gpt.sbatch", *QUICK], timeout=400, env=env)
-    text = "".join(p.read_text(errors="replace") for p in tmp_path.glob("job-*.out"))
-    assert out.returncode == 0, out.stdout + out.stderr + text[-6000:]
+    text = sbatch(["examples/slurm/gpt.sbatch", *QUICK], env, tmp_path / "job.out")
+    assert "Traceback" not in text, text[-6000:]
     assert final_loss(text) == strategy_launched_loss
 
 
@@ -126,10 +141,7 @@ srun --job-name=interactive {sys.executable} {' '.join(FIT)} --trainer.devices=2
 srun {sys.executable} {' '.join(FIT)} && echo "mismatch: ran" || echo "mismatch: failed"
 """)
     env = clean_env({"SLURM_CONF": slurm_env["SLURM_CONF"]})
-    out = run(["sbatch", "--wait", f"--chdir={ROOT}", f"--output={tmp_path}/traps-%j.out", str(script)],
-              timeout=400, env=env)
-    text = "".join(p.read_text(errors="replace") for p in tmp_path.glob("traps-*.out"))
-    assert out.returncode == 0, out.stdout + out.stderr + text[-6000:]
+    text = sbatch([str(script)], env, tmp_path / "traps.out")
     assert "batch script: local" in text, text[-6000:]
     assert "interactive: failed" in text and "srun step of 2 tasks in a Slurm job named 'interactive'" in text, text[-6000:]
     assert "mismatch: failed" in text, text[-6000:]

@@ -35,12 +35,13 @@ MODEL = dict(vocab_size=32, seq_len=16, d_model=32, n_heads=4, n_layers=1, lr=3e
 DATA = dict(vocab_size=32, seq_len=16, num_samples=160, num_val_samples=32, global_batch_size=8)
 CLIP = 0.05
 
-#: name -> (strategy sizes, accumulate_grad_batches, gradient_clip_val)
+#: name -> (strategy arguments, accumulate_grad_batches, gradient_clip_val)
 LAYOUTS: dict[str, tuple[dict[str, int], int, float | None]] = {
     "tp2-dp2": ({"tensor_parallel_size": 2, "data_parallel_size": 2}, 2, CLIP),
-    "dp4": ({}, 1, None),
+    # The gradient handler is a strategy argument: torch's DDP wrapper and the flat all-reduce too.
+    "dp4": ({"gradient_handler": "ddp"}, 1, None),
     "tp4": ({"tensor_parallel_size": 4}, 1, None),
-    "tp2-sp2": ({"tensor_parallel_size": 2, "sequence_parallel_size": 2}, 1, None),
+    "tp2-sp2": ({"tensor_parallel_size": 2, "sequence_parallel_size": 2, "gradient_handler": "allreduce"}, 1, None),
 }
 
 

@@ -151,8 +151,3 @@ class GPTLightning(pl.LightningModule):
         if h.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=h.lr, momentum=0.9)
         return torch.optim.AdamW(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
-
-    def on_train_end(self) -> None:
-        loss = self.trainer.callback_metrics.get("train_loss")
-        if loss is not None and self.trainer.is_global_zero:
-            print(f"final loss: {float(loss):.6f} (step {self.trainer.global_step})", flush=True)

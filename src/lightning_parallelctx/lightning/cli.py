@@ -35,4 +35,18 @@ def main(argv: Sequence[str] | None = None, **cli_kwargs: Any) -> LightningCLI:
         "args": args,
     }
     options.update(cli_kwargs)
-    return LightningCLI(**options)
+    cli = LightningCLI(**options)
+    if args and args[0] == "fit" and cli.trainer.is_global_zero:
+        _print_final_loss(cli.trainer)
+    return cli
+
+
+def _print_final_loss(trainer: Any) -> None:
+    """The run's last line: the final training loss (synced over ranks when logged with sync_dist),
+    printed after the progress bar has finished drawing."""
+    metrics = trainer.callback_metrics
+    key = "train_loss" if "train_loss" in metrics else next((k for k in metrics if "loss" in k), None)
+    if key is None:
+        return
+    sys.stderr.flush()
+    print(f"final loss: {float(metrics[key]):.6f} (step {trainer.global_step})", flush=True)

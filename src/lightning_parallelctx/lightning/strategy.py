@@ -28,6 +28,7 @@ from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
+    _set_num_threads_if_needed,
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
@@ -232,6 +233,10 @@ class ParallelCtxStrategy(ParallelStrategy):
 
     def setup_environment(self) -> None:
         super().setup_environment()
+        if self.root_device.type == "cpu":
+            # Every process, not only the one that launched the others (Lightning's launcher does
+            # it there alone; srun and mpirun nowhere): N processes with all cores each thrash.
+            _set_num_threads_if_needed(num_processes=self.num_processes)
         reset_seed()
         self.set_world_ranks()
         if self._process_group_backend is None:
