@@ -160,8 +160,12 @@ class ParallelContext:
             self._release()
             raise
         self._device_mesh = None
+        self.build_id = build_id
         self.build_seconds = time.perf_counter() - started
         _LIVE.add(self)
+        from .distributed import set_current_context  # late: the collectives import this module
+
+        set_current_context(self)
 
     # ------------------------------------------------------------------ queries
     def get_global_rank(self) -> int:

@@ -9,7 +9,6 @@ has size 1. Every public function also takes ``context=`` to bypass all of this.
 
 from __future__ import annotations
 
-import re
 import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol, Union
@@ -72,9 +71,8 @@ def set_current_context(ctx: "ContextLike | None") -> None:
 
 
 def _build_number(ctx: Any) -> int:
-    # ParallelContext names its groups "pctx<N>_": N increases with every build in this process.
-    match = re.match(r"pctx(\d+)_", getattr(ctx, "_namespace", "") or "")
-    return int(match.group(1)) if match else -1
+    # ParallelContext.build_id increases with every build in this process.
+    return int(getattr(ctx, "build_id", -1))
 
 
 def current_context(required: bool = True) -> "ContextLike | None":
