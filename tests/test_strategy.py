@@ -26,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the example lives in examples/gpt (importable from the repo root)
     sys.path.insert(0, str(ROOT))
 
+from examples.gpt.model import GPTLightning  # noqa: E402
+
+from lightning_parallelctx import ParallelContext  # noqa: E402
 from lightning_parallelctx.testing import spawn  # noqa: E402
 
 STEPS = 20
@@ -82,18 +85,15 @@ def _recorder(out: dict[str, Any]) -> Any:
     return Recorder()
 
 
+class CheckedGPT(GPTLightning):
+    def configure_model(self) -> None:
+        # The context must be on the module from configure_model on, never the LocalContext fallback.
+        assert isinstance(self.parallel_context, ParallelContext), type(getattr(self, "parallel_context", None))
+        super().configure_model()
+
+
 def _model_class() -> type:
-    from examples.gpt.model import GPTLightning
-
-    from lightning_parallelctx import ParallelContext
-
-    class Checked(GPTLightning):
-        def configure_model(self) -> None:
-            # The context must be on the module from configure_model on, never the LocalContext fallback.
-            assert isinstance(self.parallel_context, ParallelContext), type(getattr(self, "parallel_context", None))
-            super().configure_model()
-
-    return Checked
+    return CheckedGPT
 
 
 def _trainer(strategy: Any, accumulate: int = 1, clip: float | None = None, callbacks: list | None = None,
@@ -113,6 +113,13 @@ def _data() -> Any:
     return GPTDataModule(**DATA)
 
 
+def _data_loader(split: str) -> Any:
+    data = _data()
+    data.setup(split)
+    # A plain loader: Lightning adds the (unshuffled) DistributedSampler over the data shards.
+    return torch.utils.data.DataLoader(data.val_set, batch_size=8)
+
+
 def _reference(rank: int, world_size: int) -> dict[str, Any]:
     """The same model, data and optimizer in one process (world of 1)."""
     import lightning.pytorch as pl
@@ -128,6 +135,7 @@ def _reference(rank: int, world_size: int) -> dict[str, Any]:
         trainer.fit(model, _data())
         rec["final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         rec["val"] = trainer.validate(model, _data(), verbose=False)[0]["val_loss"]
+        rec["predictions"] = torch.cat(trainer.predict(model, dataloaders=_data_loader("val")))
         results[name] = rec
     return _pack(results)
 
@@ -186,6 +194,19 @@ def _parallel(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
             calls = ctx.new_group_calls
             rec["val"] = trainer.validate(model, _data(), verbose=False)[0]["val_loss"]
             trainer.test(model, _data(), verbose=False)
+            preds = trainer.predict(model, dataloaders=_data_loader("val"))
+            rec["predictions"] = torch.cat(preds)
+            # The module holds the context, yet copies and pickles (TRAPS.md #9) keep the live one.
+            import pickle
+
+            rec["copy_keeps_ctx"] = copy.deepcopy(model).parallel_context is ctx and \
+                pickle.loads(pickle.dumps(model)).parallel_context is ctx
+            # Collectives over any mode's group, by name.
+            s = trainer.strategy
+            rec["reduce_tensor"] = float(s.reduce(torch.tensor(float(rank)), group="tensor", reduce_op="sum"))
+            rec["gather_data"] = s.all_gather(torch.tensor([rank]), group="data").flatten().tolist()
+            rec["broadcast"] = s.broadcast(f"from {rank}", src=3)
+            s.barrier()
             rec["same_ctx"] = model.parallel_context is ctx and ctx.new_group_calls == calls
             rec["weights_kept"] = all(torch.equal(local[k], v) for k, v in model.state_dict().items())
             rec["local_final"] = local
@@ -281,6 +302,15 @@ def test_validate_test_keep_shards_and_context(reference: dict, parallel: list[d
     assert torch.equal(runs[0]["tp_shard_of_head"], runs[2]["tp_shard_of_head"])  # dp replica
     # sync_dist=True: every rank reports the global validation loss, equal to the reference's.
     assert all(abs(r["val"] - reference["acc2-clip"]["val"]) < TOL for r in runs)
+    # predict: each data shard predicts its rows (Lightning's unshuffled DistributedSampler: rows
+    # dp::2), over the full vocabulary and sequence, exactly as the single process does.
+    for rank, r in enumerate(runs):
+        assert torch.equal(r["predictions"], reference["acc2-clip"]["predictions"][rank // 2::2])
+    assert all(r["copy_keeps_ctx"] for r in runs)
+    # rank = 2 * dp + tp: the tensor group of rank r is {r - r % 2, r - r % 2 + 1}, the data group {r % 2, r % 2 + 2}.
+    assert [r["reduce_tensor"] for r in runs] == [1.0, 1.0, 5.0, 5.0]
+    assert [r["gather_data"] for r in runs] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert all(r["broadcast"] == "from 3" for r in runs)
 
 
 def test_checkpoint_resume_restores_every_shard(reference: dict, parallel: list[dict]) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_parallelctx.distributed import LocalContext, all_gather
+from lightning_parallelctx.distributed import LocalContext, all_gather, gather
 from lightning_parallelctx.nn import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -118,18 +118,27 @@ class GPTLightning(pl.LightningModule):
         self.gpt = GPT(h.vocab_size, h.seq_len, h.d_model, h.n_heads, h.n_layers, ctx)
         self.gpt.load_state_dict(shard_state_dict(full.state_dict(), self.gpt, ctx))
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        ids, targets = batch
+    def _slice(self, *tensors: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+        """Every SEQUENCE rank gets the same batch and keeps its slice of the positions."""
         ctx = self.gpt.context
-        sp = ctx.get_world_size("sequence")
-        if ids.shape[1] % sp:
-            raise ValueError(f"sequence length {ids.shape[1]} is not divisible by sequence_parallel_size={sp}")
-        t = ids.shape[1] // sp
+        sp, length = ctx.get_world_size("sequence"), tensors[0].shape[1]
+        if length % sp:
+            raise ValueError(f"sequence length {length} is not divisible by sequence_parallel_size={sp}")
+        t = length // sp
         offset = ctx.get_local_rank("sequence") * t
-        # Every SEQUENCE rank gets the same batch and keeps its slice of the positions; the mean of
-        # the per-slice losses (averaged by the gradient sync) is the full sequence's loss.
-        ids, targets = ids[:, offset:offset + t], targets[:, offset:offset + t]
-        return vocab_parallel_cross_entropy(self.gpt(ids, offset), targets, context=ctx)
+        return offset, [x[:, offset:offset + t] for x in tensors]
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        offset, (ids, targets) = self._slice(*batch)
+        # The mean of the per-slice losses (averaged by the gradient sync) is the full sequence's loss.
+        return vocab_parallel_cross_entropy(self.gpt(ids, offset), targets, context=self.gpt.context)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """The most likely next token at every position (whole vocabulary, whole sequence)."""
+        ctx = self.gpt.context
+        offset, (ids,) = self._slice(batch[0])
+        logits = gather(self.gpt(ids, offset), dim=-1, mode="tensor", context=ctx)
+        return gather(logits.argmax(-1), dim=1, mode="sequence", context=ctx)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
