@@ -74,16 +74,43 @@ def require(binary: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def strategy_launched_loss() -> str:
+def strategy_launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """`python -m lightning_parallelctx fit --config configs/cpu-tp2-dp2.yaml`: the strategy starts
-    the other 3 local processes itself (Lightning's subprocess launcher)."""
-    out = run([sys.executable, *FIT])
+    the other 3 local processes itself (Lightning's subprocess launcher). This run keeps its
+    (sharded) end-of-training checkpoint."""
+    root = tmp_path_factory.mktemp("strategy-launched")
+    cmd = [a for a in FIT if a != "--trainer.enable_checkpointing=false"] + [f"--trainer.default_root_dir={root}"]
+    out = run([sys.executable, *cmd])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    return final_loss(out.stdout + out.stderr)
+    return final_loss(out.stdout + out.stderr), root
+
+
+@pytest.fixture(scope="module")
+def strategy_launched_loss(strategy_launched: tuple[str, Path]) -> str:
+    return strategy_launched[0]
 
 
 def test_strategy_launched_cli_yaml(strategy_launched_loss: str) -> None:
     assert 0.5 < float(strategy_launched_loss) < 4.2  # below log(32)=3.47 + noise: it trained
+
+
+def test_consolidate_command(strategy_launched: tuple[str, Path], tmp_path: Path) -> None:
+    """The sharded checkpoint of the 4-process run becomes one file a single process loads."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from examples.gpt.model import GPTLightning
+
+    (ckpt,) = (strategy_launched[1] / "checkpoints").iterdir()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.pt", "shard-tp00-pp00-ep00.pt", "shard-tp01-pp00-ep00.pt"]
+    out = run([sys.executable, "-m", "lightning_parallelctx.lightning.checkpoint", str(ckpt), str(tmp_path / "full.ckpt")])
+    assert out.returncode == 0 and "wrote" in out.stdout, out.stdout + out.stderr
+    full = torch.load(tmp_path / "full.ckpt", weights_only=False)
+    assert full["global_step"] == 6 and "optimizer_states" not in full
+    # Lightning's own loader, no strategy: one process, every size 1, full weights (strict).
+    model = GPTLightning.load_from_checkpoint(tmp_path / "full.ckpt", weights_only=False)
+    assert all(torch.equal(v, full["state_dict"][k]) for k, v in model.state_dict().items())
+    assert model.gpt.head.weight.shape == (64, 32)  # the whole vocabulary, not a tp shard of it
 
 
 def test_torchrun(strategy_launched_loss: str) -> None:
