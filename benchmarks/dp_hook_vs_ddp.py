@@ -43,9 +43,11 @@ def _model(torch):
     return torch.nn.Sequential(*layers)
 
 
-def _parse_hook_variant(spec: str) -> tuple[str, float, float | None]:
-    cap, _, first = spec.partition(":")
-    return f"hook({spec})", float(cap), float(first) if first else None
+def _parse_hook_variant(spec: str) -> tuple[str, dict]:
+    """``cap[:first_cap[:compress]]``, e.g. ``25``, ``25:1``, ``25::bf16``."""
+    cap, first, compress = (spec.split(":") + ["", ""])[:3]
+    return f"hook({spec})", {"bucket_cap_mb": float(cap), "first_bucket_cap_mb": float(first) if first else None,
+                             "compress": compress or None}
 
 
 def _worker(rank: int, world_size: int, args: dict) -> dict:
@@ -62,9 +64,9 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
     batch = args["batch"]
 
     variants: dict[str, tuple[torch.nn.Module, object | None]] = {}
-    for name, cap, first in map(_parse_hook_variant, args["hook_variants"]):
+    for name, options in map(_parse_hook_variant, args["hook_variants"]):
         model = _model(torch)
-        handler = get_gradient_handler("bucketed", bucket_cap_mb=cap, first_bucket_cap_mb=first)
+        handler = get_gradient_handler("bucketed", **options)
         variants[name] = (handler.setup(model, ctx), handler)
     model = _model(torch)
     handler = get_gradient_handler("ddp")
@@ -139,7 +141,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--bw-reps", type=int, default=20)
     parser.add_argument("--hook-variants", nargs="+", default=["25"],
-                        help="bucket_cap_mb[:first_bucket_cap_mb] of each hook variant; the first is 'ours'")
+                        help="bucket_cap_mb[:first_bucket_cap_mb[:compress]] of each hook variant, e.g. 25 25:1 25::bf16; "
+                             "the first one's buckets are used for the bandwidth figure")
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args()
     _reexec_with_malloc_env()
@@ -155,12 +158,17 @@ def main() -> None:
     # less load-sensitive view next to the median.
     p10 = {n: statistics.quantiles(t, n=10)[0] for n, t in zip(result["names"], result["times"])}
     base, base10 = med["ddp"], p10["ddp"]
+    # Each round runs every variant back to back, so a round's ratio compares steps taken under
+    # the same background load: the median of those is the most load-robust figure.
+    ddp_times = result["times"][result["names"].index("ddp")]
+    paired = {n: statistics.median(a / b for a, b in zip(t, ddp_times)) for n, t in zip(result["names"], result["times"])}
     print(f"2 ranks, gloo, 6 x Linear(2048, 2048) = 25.2M params, batch {args.batch}, "
           f"{args.rounds} rounds (+{args.warmup} warm-up), interleaved; step = max over ranks; wall {wall:.0f} s; "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    print(f"{'variant':<22}{'median ms':>10}{'ratio to DDP':>14}{'p10 ms':>10}{'p10 ratio':>11}")
+    print(f"{'variant':<22}{'median ms':>10}{'ratio to DDP':>14}{'paired ratio':>14}{'p10 ms':>9}{'p10 ratio':>11}")
     for n in result["names"]:
-        print(f"{n:<22}{med[n] * 1e3:>10.1f}{med[n] / base:>14.3f}{p10[n] * 1e3:>10.1f}{p10[n] / base10:>11.3f}")
+        print(f"{n:<22}{med[n] * 1e3:>10.1f}{med[n] / base:>14.3f}{paired[n]:>14.3f}{p10[n] * 1e3:>9.1f}"
+              f"{p10[n] / base10:>11.3f}")
     bb, br = statistics.median(result["bw_buckets"]), statistics.median(result["bw_raw"])
     gb = result["bytes"] / 1e9
     print(f"all-reduce of {result['bytes'] / 2**20:.1f} MiB: hook's {result['n_buckets']} buckets "
@@ -168,7 +176,7 @@ def main() -> None:
           f"{br * 1e3:.1f} ms = {gb / br:.2f} GB/s (ratio {bb / br:.3f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"median_s": med, "ratio": {n: med[n] / base for n in med}, "p10_s": p10, **result}, f)
+            json.dump({"median_s": med, "ratio": {n: med[n] / base for n in med}, "p10_s": p10, "paired_ratio": paired, **result}, f)
 
 
 if __name__ == "__main__":
