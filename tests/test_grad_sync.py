@@ -102,7 +102,21 @@ class Unused(nn.Module):
         return out.square().mean()
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": MLP, "layernorm": LayerNormNet, "tied": TiedLM, "unused": Unused}
+class ChannelsLastConv(nn.Module):
+    """Conv weights in channels_last layout: the bucket views must keep the parameters' strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor, rank: int, step: int) -> torch.Tensor:
+        img = x[:, :12].reshape(5, 3, 2, 2).repeat(1, 1, 3, 3).contiguous(memory_format=torch.channels_last)
+        return self.c2(torch.relu(self.c1(img))).square().mean()
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": MLP, "layernorm": LayerNormNet, "tied": TiedLM, "unused": Unused,
+                                              "conv": ChannelsLastConv}
 
 
 def _build(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -300,6 +314,8 @@ def _two_ranks(rank: int, world: int) -> dict:
     _check(r, "unused adamw small buckets", lambda: _vs_ddp(rank, ctx, "unused", steps=4, opt="adamw",
                                                             bucket_cap_mb=tiny))
     _check(r, "unused accumulation", lambda: _vs_ddp(rank, ctx, "unused", steps=4, micro=2))
+    _check(r, "channels_last conv, accumulation", lambda: _vs_ddp(rank, ctx, "conv", micro=2,
+                                                                  set_to_none=lambda s: s != 1))
     _check(r, "no context: world group", lambda: _vs_ddp(rank, None, "mlp", micro=2))
     _check(r, "baseline allreduce", lambda: _vs_ddp(rank, ctx, "mlp", "allreduce", micro=2))
     _check(r, "baseline allreduce unused", lambda: _vs_ddp(rank, ctx, "unused", "allreduce", steps=4))
