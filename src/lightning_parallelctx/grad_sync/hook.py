@@ -73,7 +73,6 @@ class _Bucket:
         "plan",
         "scale",
         "slots",
-        "stage",
         "upcast",
         "work",
     )
@@ -93,7 +92,6 @@ class _Bucket:
         self.pending = 0
         self.has_unused = False
         self.work: Any = None
-        self.stage = 0
 
     @property
     def two_stage(self) -> bool:
@@ -318,7 +316,6 @@ class DataParallelGradientHook:
         # Sum over TENSOR first (sequence-parallel params); the replica average follows in finish().
         group = plan.tensor if plan.tensor is not None else plan.replica
         bucket.work = dist.all_reduce(bucket.comm, op=dist.ReduceOp.SUM, group=group, async_op=True)
-        bucket.stage = 1
 
     # ------------------------------------------------------------------ public API
     @property
@@ -352,7 +349,6 @@ class DataParallelGradientHook:
                 bucket.work.wait()
                 bucket.work = dist.all_reduce(bucket.comm, op=dist.ReduceOp.SUM, group=bucket.plan.replica,
                                               async_op=True)
-                bucket.stage = 2
         for bucket in buckets:
             bucket.work.wait()
             bucket.work = None
@@ -373,7 +369,6 @@ class DataParallelGradientHook:
             bucket.pending = len(bucket.slots)
             bucket.has_unused = False
             bucket.work = None
-            bucket.stage = 0
         self._next = 0
         self._window = False
         self._sync_started = False
