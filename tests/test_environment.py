@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import lightning.pytorch as pl
+import pytest
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_parallelctx
 from lightning_parallelctx import ParallelCtxEnvironment, ParallelCtxStrategy
 from lightning_parallelctx.errors import ParallelConfigError
-from lightning_parallelctx.lightning.environment import LaunchMismatchError, mpi_default_port, resolve_launcher
+from lightning_parallelctx.lightning.environment import (
+    LaunchMismatchError,
+    mpi_default_port,
+    resolve_launcher,
+)
 
 LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_", "MV2_", "TORCHELASTIC_")
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",

@@ -38,7 +38,8 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def final_loss(text: str) -> str:

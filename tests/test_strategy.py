@@ -14,7 +14,6 @@ step s of every layout reads samples perm[8s:8s+8], split over the data-shard ra
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the example lives in examples/gpt (importable from the repo root)
     sys.path.insert(0, str(ROOT))
 
-from examples.gpt.model import GPTLightning  # noqa: E402
-
-from lightning_parallelctx import ParallelContext  # noqa: E402
-from lightning_parallelctx.testing import spawn  # noqa: E402
+from examples.gpt.model import GPTLightning
+from lightning_parallelctx import ParallelContext
+from lightning_parallelctx.testing import spawn
 
 STEPS = 20
 TOL = 1e-5
-MODEL = dict(vocab_size=32, seq_len=16, d_model=32, n_heads=4, n_layers=1, lr=3e-3, optimizer="adamw")
+MODEL = {"vocab_size": 32, "seq_len": 16, "d_model": 32, "n_heads": 4, "n_layers": 1, "lr": 3e-3, "optimizer": "adamw"}
 # 160 samples = 20 batches of 8: one epoch is 20 steps, or 10 with accumulate_grad_batches=2.
-DATA = dict(vocab_size=32, seq_len=16, num_samples=160, num_val_samples=32, global_batch_size=8)
+DATA = {"vocab_size": 32, "seq_len": 16, "num_samples": 160, "num_val_samples": 32, "global_batch_size": 8}
 CLIP = 0.05
 
 #: name -> (strategy arguments, accumulate_grad_batches, gradient_clip_val)
@@ -146,7 +144,10 @@ def _parallel(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_parallelctx import ParallelCtxStrategy
-    from lightning_parallelctx.lightning import consolidate_to_file, gather_full_state_dict
+    from lightning_parallelctx.lightning import (
+        consolidate_to_file,
+        gather_full_state_dict,
+    )
 
     res: dict[str, Any] = {}
 
@@ -218,7 +219,7 @@ def _parallel(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
             loaded: dict[str, Any] = {}
 
             class Snapshot(pl.Callback):
-                def on_train_start(self, trainer: Any, module: Any) -> None:
+                def on_train_start(self, trainer: Any, module: Any, loaded: dict = loaded) -> None:
                     loaded.update({k: v.detach().clone() for k, v in module.state_dict().items()})
 
             t2 = _trainer(ParallelCtxStrategy(**sizes), accumulate, clip, [_recorder(resumed), Snapshot()])

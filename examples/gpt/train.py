@@ -19,10 +19,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import GPTDataModule  # noqa: E402
-from model import GPTLightning  # noqa: E402
+from data import GPTDataModule
+from model import GPTLightning
 
-from lightning_parallelctx import ParallelCtxEnvironment, ParallelCtxStrategy  # noqa: E402
+from lightning_parallelctx import ParallelCtxEnvironment, ParallelCtxStrategy
 
 
 def main() -> None:

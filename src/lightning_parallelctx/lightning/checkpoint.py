@@ -153,7 +153,9 @@ def _load(file: Path, weights_only: bool | None) -> dict[str, Any]:
 def shard_state_dict(full: Mapping[str, torch.Tensor], module: torch.nn.Module,
                      ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """Cut a full (single-process) state dict to the shards this rank's ``module`` holds."""
-    from ..nn import shard_state_dict as _cut  # the layers' own rules (tensor and expert splits)
+    from ..nn import (
+        shard_state_dict as _cut,  # the layers' own rules (tensor and expert splits)
+    )
 
     return _cut(full, module, ctx)
 
@@ -174,15 +176,18 @@ def consolidate_shards(shards: Sequence[Mapping[str, Any]]) -> dict[str, torch.T
         first = by_coord[(0, pp, 0)]
         tp_dims, expert = first["pctx"]["tp_dims"], set(first["pctx"]["expert"])
         for name in first["state_dict"]:
-            def along_tp(ep: int) -> torch.Tensor:
-                parts = [by_coord[(t, pp, ep)]["state_dict"][name] for t in range(sizes["tp"])]
-                return torch.cat(parts, tp_dims[name]) if name in tp_dims else parts[0]
-
-            value = torch.cat([along_tp(e) for e in range(sizes["ep"])], 0) if name in expert else along_tp(0)
+            dim = tp_dims.get(name)
+            per_ep = [_along_tp([by_coord[(t, pp, e)]["state_dict"][name] for t in range(sizes["tp"])], dim)
+                      for e in (range(sizes["ep"]) if name in expert else (0,))]
+            value = torch.cat(per_ep, 0) if name in expert else per_ep[0]
             if name in full and not torch.equal(full[name], value):
                 raise CheckpointLayoutError(f"{name!r} differs between pipeline stages; names must be unique per stage")
             full[name] = value
     return full
+
+
+def _along_tp(parts: list[torch.Tensor], dim: int | None) -> torch.Tensor:
+    return torch.cat(parts, dim) if dim is not None else parts[0]
 
 
 def consolidate_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -32,7 +32,8 @@ def main(argv: Sequence[str] | None = None, **cli_kwargs: Any) -> LightningCLI:
         # Every process of a run parses the same YAML; only rank 0 writes config.yaml, and a
         # re-run into the same log directory must not fail on it.
         "save_config_kwargs": {"overwrite": True},
-        "args": args,
+        # The command line itself is read by LightningCLI (which warns when given it twice).
+        "args": None if args == sys.argv[1:] else args,
     }
     options.update(cli_kwargs)
     cli = LightningCLI(**options)

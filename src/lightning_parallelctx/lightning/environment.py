@@ -116,12 +116,12 @@ class ParallelCtxEnvironment(ClusterEnvironment):
 
     def local_rank(self) -> int:
         info = self.launch
-        return info.local_rank if info is not None else int(os.environ.get("LOCAL_RANK", 0))
+        return info.local_rank if info is not None else int(os.environ.get("LOCAL_RANK", "0"))
 
     def node_rank(self) -> int:
         info = self.launch
         if info is None:
-            return int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+            return int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")))
         if info.node_rank is not None:
             return info.node_rank
         # MPI sets no node index; with block mapping (the default) it follows from the local size.

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
-
-import torch
-import torch.distributed as dist
-from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from torch import Tensor
-from torch.optim import Optimizer
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
 from lightning.fabric.plugins.environments.cluster_environment import ClusterEnvironment
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
@@ -34,11 +30,16 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH, ReduceOp
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.launchers.subprocess_script import (
+    _SubprocessScriptLauncher,
+)
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+from torch.optim import Optimizer
 
 from ..context import ParallelContext, _live_context
 from ..distributed import set_current_context
@@ -91,18 +92,18 @@ class ParallelCtxStrategy(ParallelStrategy):
 
     def __init__(
         self,
-        data_parallel_size: Union[int, Literal["auto"]] = "auto",
+        data_parallel_size: int | Literal["auto"] = "auto",
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         sequence_parallel_size: int = 1,
         expert_parallel_size: int = 1,
-        order: Optional[str] = None,
-        gradient_handler: Union[str, dict[str, Any]] = "bucketed",
+        order: str | None = None,
+        gradient_handler: str | dict[str, Any] = "bucketed",
         launcher: Literal["auto", "local", "torchrun", "slurm", "openmpi", "mpich", "mvapich2"] = "auto",
         sync_initial_weights: bool = True,
-        process_group_backend: Optional[Literal["gloo", "nccl", "mpi"]] = None,
+        process_group_backend: Literal["gloo", "nccl", "mpi"] | None = None,
         timeout: float = 1800.0,
-        cluster_environment: Optional[ClusterEnvironment] = None,
+        cluster_environment: ClusterEnvironment | None = None,
     ) -> None:
         # Everything is checked here, so a bad YAML value fails at once and not inside fit.
         sizes = {"data_parallel_size": _check_size("data_parallel_size", data_parallel_size, allow_auto=True)}
@@ -134,7 +135,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._sync_initial_weights = sync_initial_weights
         self._process_group_backend = process_group_backend
         self._timeout = timedelta(seconds=float(timeout))
-        self._context: Optional[ParallelContext] = None
+        self._context: ParallelContext | None = None
         self._grad_handler: Any = None
         self.num_nodes = 1
 
@@ -207,7 +208,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         return True
 
     @property
-    def process_group_backend(self) -> Optional[str]:
+    def process_group_backend(self) -> str | None:
         return self._process_group_backend
 
     def _configure_launcher(self) -> None:
@@ -252,7 +253,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         # Before the setup()/configure_model() hooks; deepcopy/pickle-safe (TRAPS.md #9).
         self.lightning_module.parallel_context = ctx
 
-    def setup(self, trainer: "pl.Trainer") -> None:
+    def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
@@ -298,7 +299,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         plugin = self.precision_plugin
         strategy = self
 
-        def clip_grad_by_norm(optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        def clip_grad_by_norm(optimizer: Optimizer, clip_val: float) -> None:
             clip_grad_norm_(list(plugin.main_params(optimizer)), float(clip_val), strategy.parallel_context)
 
         plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
@@ -315,7 +316,7 @@ class ParallelCtxStrategy(ParallelStrategy):
             yield None
 
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
-                       model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None, **kwargs: Any) -> Any:
+                       model: pl.LightningModule | torch.nn.Module | None = None, **kwargs: Any) -> Any:
         handler = self._grad_handler
 
         def synced_closure() -> Any:
@@ -334,13 +335,13 @@ class ParallelCtxStrategy(ParallelStrategy):
             return self.parallel_context.get_group(group)
         return group
 
-    def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None,
-               reduce_op: Optional[Union[ReduceOp, str]] = "mean") -> Tensor:
+    def reduce(self, tensor: Tensor | Any, group: Any | None = None,
+               reduce_op: ReduceOp | str | None = "mean") -> Tensor:
         if isinstance(tensor, Tensor):
             return _sync_ddp_if_available(tensor, self._group(group), reduce_op=reduce_op)
         return tensor
 
-    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
         return super().all_gather(tensor, group=self._group(group), sync_grads=sync_grads)
 
     def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
@@ -350,12 +351,12 @@ class ParallelCtxStrategy(ParallelStrategy):
         dist.broadcast_object_list(box, src)
         return box[0]
 
-    def barrier(self, name: Optional[str] = None) -> None:
+    def barrier(self, name: str | None = None) -> None:
         if _distributed_is_initialized():
             dist.barrier()
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """A directory of per-shard files (see :mod:`.checkpoint`); every rank must call it."""
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
@@ -363,7 +364,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         _ckpt.save_sharded_checkpoint(checkpoint, path, self.lightning_module, self.parallel_context)
 
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         path = self.broadcast(str(checkpoint_path))
         assert self.lightning_module is not None
         return _ckpt.load_sharded_checkpoint(path, self.lightning_module, self.parallel_context, weights_only)
@@ -389,7 +390,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         register(strategy_registry)
 
 
-def register(strategy_registry: Optional[Mapping[str, Any]] = None) -> None:
+def register(strategy_registry: Mapping[str, Any] | None = None) -> None:
     """Register the name "parallelctx", once (Lightning never calls a third party's
     register_strategies itself, TRAPS.md #3)."""
     if strategy_registry is None:
