@@ -203,8 +203,9 @@ def _local_grads(model: nn.Module, rank: int, steps: int, micro: int) -> list[li
 
 
 def _expected(ctx: ParallelContext, model: nn.Module, local: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Hand-computed: SP params summed over each replica's TENSOR group, then everything averaged
-    over its replica group (dense_replica, or expert_replica for experts)."""
+    """Hand-computed: SP params summed over each replica's TENSOR group, everything summed over its
+    replica group (dense_replica, or expert_replica for experts) and divided by the data-parallel
+    size (dense_replica): the gradient of the loss averaged over every data shard."""
     world = dist.get_world_size()
     tensor_groups = {r: g for g in ctx.all_groups("tensor") for r in g}
     out = []
@@ -213,7 +214,7 @@ def _expected(ctx: ParallelContext, model: nn.Module, local: list[torch.Tensor |
         dist.all_gather(everyone, (g if g is not None else torch.zeros_like(p)).double())
         replicas = ctx.get_ranks_in_group("expert_replica" if is_expert(p) else "dense_replica")
         members = [s for q in replicas for s in (tensor_groups[q] if is_sequence_parallel(p) else (q,))]
-        out.append((sum(everyone[s] for s in members) / len(replicas)).to(p.dtype))
+        out.append((sum(everyone[s] for s in members) / ctx.get_world_size("dense_replica")).to(p.dtype))
     return out
 
 
@@ -458,7 +459,7 @@ def _many_ranks(rank: int, world: int) -> dict:
     _check(r, "unused", lambda: _vs_ddp(rank, flat, "unused", steps=4, exact=False))
     _check(r, "layernorm", lambda: _vs_ddp(rank, flat, "layernorm", micro=2, opt="adamw", exact=False))
     if world == 4:
-        # ep=2, dp=2: dense over all 4 ranks, experts over the 2 data-parallel peers only.
+        # ep=2, dp=2: dense over all 4 ranks, experts summed over their 2 data-parallel peers, both / 4.
         moe = ParallelContext.from_torch(data_parallel_size=2, expert_parallel_size=2)
         _check(r, "dense layernorm vs ddp over dense_replica",
                lambda: _vs_ddp(rank, moe, "layernorm", micro=2, exact=False))

@@ -17,7 +17,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ReductionPlan:
-    """A parameter's gradient is summed over ``tensor`` (if any), then averaged over ``replica``.
+    """A parameter's gradient is summed over ``tensor`` (if any) and over ``replica``, then divided
+    by ``divisor``.
+
+    The divisor is the number of data-parallel ranks (DATA x SEQUENCE x EXPERT) for every kind of
+    parameter, so that every gradient is that of the loss averaged over the whole batch. For a
+    dense parameter it equals the replica count (a plain average). An expert parameter has fewer
+    replicas (DATA x SEQUENCE), but each EXPERT rank trained on its own data shard (and the token
+    all-to-all already summed the other EXPERT ranks' contributions into it), so averaging over its
+    replicas alone would weigh it ``expert_parallel_size`` times too much; Megatron-core scales
+    expert gradients by 1 / data-parallel size for the same reason.
 
     ``None`` stands for a group of one rank (nothing to do). The ranks tuples make the plan
     comparable: parameters of different kinds with the same ranks share buckets.
@@ -27,6 +36,7 @@ class ReductionPlan:
     tensor_ranks: tuple[int, ...]
     replica: dist.ProcessGroup | None
     tensor: dist.ProcessGroup | None
+    divisor: int
 
     @property
     def replica_size(self) -> int:
@@ -38,7 +48,7 @@ class ReductionPlan:
 
     @property
     def key(self) -> tuple:
-        return (self.replica_ranks, self.tensor_ranks)
+        return (self.replica_ranks, self.tensor_ranks, self.divisor)
 
 
 def param_kind(param: torch.Tensor) -> tuple[bool, bool]:
@@ -73,13 +83,14 @@ class GroupResolver:
                     f"a ParallelContext to know its replica/tensor groups; pass ctx=ParallelContext.from_...(...)"
                 )
             if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-                return ReductionPlan((0,), (0,), None, None)
+                return ReductionPlan((0,), (0,), None, None, 1)
             ranks = tuple(range(dist.get_world_size()))
-            return ReductionPlan(ranks, (dist.get_rank(),), dist.group.WORLD, None)
+            return ReductionPlan(ranks, (dist.get_rank(),), dist.group.WORLD, None, len(ranks))
         replica_mode = "expert_replica" if expert else "dense_replica"
         replica_ranks = tuple(self.ctx.get_ranks_in_group(replica_mode))
         tensor_ranks = tuple(self.ctx.get_ranks_in_group("tensor")) if seq else (self.ctx.get_global_rank(),)
         # get_group makes size-1 groups on demand: never ask for one we would not use.
         replica = self.ctx.get_group(replica_mode) if len(replica_ranks) > 1 else None
         tensor = self.ctx.get_group("tensor") if len(tensor_ranks) > 1 else None
-        return ReductionPlan(replica_ranks, tensor_ranks, replica, tensor)
+        divisor = self.ctx.get_world_size("dense_replica")
+        return ReductionPlan(replica_ranks, tensor_ranks, replica, tensor, divisor)

@@ -170,7 +170,7 @@ class FlatAllReduceGradientHandler(GradientHandler):
             used = torch.tensor([float(p.grad is not None) for p in params], dtype=params[0].dtype,
                                 device=params[0].device)
             flat = _flatten_dense_tensors(grads + [used])
-            flat.mul_(1.0 / plan.replica_size)
+            flat.mul_(1.0 / plan.divisor)
             if plan.tensor is not None:  # sum over TENSOR, then average over the replicas
                 dist.all_reduce(flat, group=plan.tensor)
             if plan.replica is not None:

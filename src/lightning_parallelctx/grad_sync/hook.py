@@ -84,7 +84,7 @@ class _Bucket:
         self.slots: list[_Slot] = []
         self.numel = 0
         self.index = -1
-        self.scale = 1.0 / plan.replica_size
+        self.scale = 1.0 / plan.divisor
         # Same dtype: scale while copying into the bucket (one pass). Otherwise the bucket holds
         # raw gradients and the scale is applied while casting into the communication buffer.
         self.hook_scale = self.scale if comm_dtype == dtype else 1.0
