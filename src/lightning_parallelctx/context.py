@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import LauncherError, ModeNotFoundError, ParallelConfigError, ParallelCtxError
-from .initializers import InitializerSpec, ModeGroups, compute_mode_groups, initializers_for
+from .initializers import InitializerSpec, ModeGroups, mode_groups_for
 from .launchers import LaunchInfo, read_launch
 from .layout import RankLayout
 from .mode import AXES, SHORT_NAMES, ParallelMode, mode_name
@@ -143,7 +143,7 @@ class ParallelContext:
         # Everything that can be checked without talking is checked first, on every rank.
         self.layout = RankLayout.build(world_size, **sizes, order=order)
         self._modes: dict[str, _ModeState] = {}
-        computed = [compute_mode_groups(init, self.layout) for init in initializers_for(modes) if init.applies(self.layout)]
+        computed = mode_groups_for(self.layout, modes)
 
         if not dist.is_initialized():
             init_world(self._launch, backend, self._timeout, self._namespace)

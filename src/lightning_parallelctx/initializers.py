@@ -286,6 +286,24 @@ def initializers_for(extra: Iterable[InitializerSpec] = ()) -> list[ProcessGroup
     return out
 
 
+def mode_groups_for(layout: RankLayout, extra: Iterable[InitializerSpec] = ()) -> list["ModeGroups"]:
+    """Every mode's checked groups for ``layout``: the core modes, the auto-registered modes that
+    apply to it, and the ``extra`` ones, which must apply (asking for 2-D tensor parallelism with
+    tp=2 is an error, not a silent no-op)."""
+    requested = {resolve_initializer(spec).name for spec in extra}
+    out = []
+    for init in initializers_for(extra):
+        if init.applies(layout):
+            out.append(compute_mode_groups(init, layout))
+        elif init.name in requested:
+            try:
+                init.groups(layout)  # initializers explain their own rule best
+            except ParallelConfigError:
+                raise
+            raise ParallelConfigError(f"mode {init.name!r} ({init.describe()}) does not apply to {layout.describe()}")
+    return out
+
+
 # ---------------------------------------------------------------------------------- checked groups
 @dataclass(frozen=True, eq=False)
 class ModeGroups:

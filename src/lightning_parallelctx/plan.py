@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import ParallelCtxError
-from .initializers import ModeGroups, compute_mode_groups, initializers_for
+from .initializers import ModeGroups, mode_groups_for
 from .layout import RankLayout
 from .mode import AXES, SHORT_NAMES
 
@@ -18,7 +19,7 @@ def plan(world_size: int, *, tp: int = 1, pp: int = 1, sp: int = 1, ep: int = 1,
          order: "str | Sequence[str] | None" = None, modes: Sequence[Any] = ()) -> tuple[RankLayout, list[ModeGroups]]:
     """Validate the sizes and compute every mode's groups; raises ParallelCtxError when invalid."""
     layout = RankLayout.build(world_size, data=dp, tensor=tp, pipeline=pp, sequence=sp, expert=ep, order=order)
-    return layout, [compute_mode_groups(i, layout) for i in initializers_for(modes) if i.applies(layout)]
+    return layout, mode_groups_for(layout, modes)
 
 
 def _fmt_group(group: tuple[int, ...], limit: int = 8) -> str:
@@ -87,17 +88,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dp", default="auto", help="data_parallel_size (default: auto = derived)")
     parser.add_argument("--order", default=None, help="axes innermost first, default tp-sp-ep-dp-pp")
     parser.add_argument("--mode", action="append", default=[], dest="modes",
-                        help="extra mode: a registered name (tensor_2d_row, pipeline_embedding, ...) or a class path")
+                        help="extra mode: a registered name (tensor_2d_row, pipeline_embedding, ...), a class path, "
+                             "or JSON {\"class_path\": ..., \"init_args\": {...}}")
     parser.add_argument("--groups", type=int, default=4, help="groups to show per mode")
     args = parser.parse_args(argv)
     console = Console()
     dp = None if str(args.dp).lower() == "auto" else int(args.dp)
+    # --mode '{"class_path": ..., "init_args": {...}}' as in a YAML config
+    modes = [json.loads(m) if m.lstrip().startswith("{") else m for m in args.modes]
     try:
         layout, modes = plan(args.world_size, tp=args.tp, pp=args.pp, sp=args.sp, ep=args.ep, dp=dp,
-                             order=args.order, modes=args.modes)
+                             order=args.order, modes=modes)
     except ParallelCtxError as err:
         console.print(f"[bold red]invalid layout:[/] {err}", highlight=False)
         model = args.tp * args.pp * args.sp * args.ep
+        if "world size" not in str(err):
+            return 1
         if model > 0 and args.world_size > 0 and args.world_size % model == 0:
             console.print(f"valid data_parallel_size here: {args.world_size // model}")
         elif args.world_size > 0:
