@@ -23,7 +23,7 @@ class RendezvousError(ParallelCtxError):
     """Processes could not meet: a port in use, an unreachable host, a rank that never arrived."""
 
 
-class ModeNotFoundError(ParallelCtxError, KeyError):
+class ModeNotFoundError(ParallelConfigError, KeyError):
     """A mode that the context does not have."""
 
     def __str__(self) -> str:  # KeyError would quote the whole message

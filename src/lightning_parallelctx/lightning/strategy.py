@@ -44,6 +44,7 @@ from torch.optim import Optimizer
 from ..context import ParallelContext, _live_context
 from ..distributed import set_current_context
 from ..errors import ParallelConfigError
+from ..initializers import mode_groups_for, resolve_initializer
 from ..layout import RankLayout
 from ..mode import ParallelMode
 from . import checkpoint as _ckpt
@@ -78,6 +79,10 @@ class ParallelCtxStrategy(ParallelStrategy):
         tensor_parallel_size, pipeline_parallel_size, sequence_parallel_size, expert_parallel_size:
             sizes of the other axes.
         order: rank layout, innermost axis first, e.g. ``"tp-sp-ep-dp-pp"`` (the default).
+        modes: extra parallel modes (plug-in process-group initializers): registered names such as
+            ``"tensor_2d_row"`` / ``"pipeline_embedding"``, or ``{"class_path": ..., "init_args": {...}}``
+            naming a ``ProcessGroupInitializer`` subclass. ``self.parallel_context.get_group(name)``
+            then works in the LightningModule. Modes registered with ``@register_mode`` are added anyway.
         gradient_handler: how gradients are synchronised: ``"bucketed"`` (default), ``"ddp"``,
             ``"allreduce"``, or ``{"class_path": ..., "init_args": {...}}``.
         launcher: ``"auto"`` (detect), ``"local"`` or a launcher name; see :class:`ParallelCtxEnvironment`.
@@ -98,6 +103,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         sequence_parallel_size: int = 1,
         expert_parallel_size: int = 1,
         order: str | None = None,
+        modes: list[str | dict[str, Any]] | None = None,
         gradient_handler: str | dict[str, Any] = "bucketed",
         launcher: Literal["auto", "local", "torchrun", "slurm", "openmpi", "mpich", "mvapich2"] = "auto",
         sync_initial_weights: bool = True,
@@ -114,6 +120,9 @@ class ParallelCtxStrategy(ParallelStrategy):
             if not isinstance(order, str):
                 raise ParallelConfigError(f"order={order!r} must be a string like 'tp-sp-ep-dp-pp' or None")
             RankLayout({}, order=order)  # raises naming the axes for a bad order
+        modes = list(modes or [])
+        for spec in modes:
+            resolve_initializer(spec)  # an unknown name or a bad class_path fails here, not in fit
         check_gradient_handler_spec(gradient_handler)
         if launcher not in LAUNCHERS:
             raise ParallelConfigError(f"launcher={launcher!r} must be one of {', '.join(LAUNCHERS)}")
@@ -131,6 +140,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         super().__init__(cluster_environment=cluster_environment or ParallelCtxEnvironment(launcher))
         self._sizes = sizes
         self._order = order
+        self._modes = modes
         self._gradient_handler_spec = gradient_handler
         self._sync_initial_weights = sync_initial_weights
         self._process_group_backend = process_group_backend
@@ -163,11 +173,13 @@ class ParallelCtxStrategy(ParallelStrategy):
         sizes = self._layout_sizes()
         layout = RankLayout.build(dist.get_world_size(), **sizes, order=self._order)
         ctx = _live_context(dict(layout.sizes), layout.order)
+        if ctx is not None and not all(ctx.has_mode(resolve_initializer(m).name) for m in self._modes):
+            ctx = None  # a live context of the same layout but without the modes asked for here
         if ctx is None:
             # The default group exists (Lightning made it, or the launcher's user did): the context
             # reuses it and creates only the sub-groups. The env tells it this process's node-local
             # rank, which a process we launched ourselves cannot read from any launcher's variables.
-            ctx = ParallelContext(sizes=sizes, order=self._order, backend=self._process_group_backend,
+            ctx = ParallelContext(sizes=sizes, order=self._order, modes=self._modes, backend=self._process_group_backend,
                                   timeout=self._timeout, env=self._launch_env())
         self._context = ctx
         return ctx
@@ -216,7 +228,8 @@ class ParallelCtxStrategy(ParallelStrategy):
         # fail here, on every rank, before any process talks.
         env = self.cluster_environment
         assert env is not None
-        RankLayout.build(self.num_processes * self.num_nodes, **self._layout_sizes(), order=self._order)
+        layout = RankLayout.build(self.num_processes * self.num_nodes, **self._layout_sizes(), order=self._order)
+        mode_groups_for(layout, self._modes)  # plug-in modes are checked (partition, applicability) too
         if env.creates_processes_externally:
             # torchrun/srun/mpirun started us: no launcher (it would start copies), but check what
             # they started, which Lightning never does without a launcher (LAUNCHERS.md).
