@@ -1,8 +1,10 @@
 """A small GPT-style language model written with tensor-parallel layers and ``self.parallel_context``.
 
 Token embedding (vocab-parallel), causal self-attention (heads split over TENSOR, the sequence
-split over SEQUENCE with keys/values all-gathered), an MLP (column- then row-parallel) and a
-vocab-parallel LM head. The same class runs on one process (every size 1) or any layout.
+split over SEQUENCE with keys/values all-gathered), an MLP (column- then row-parallel) or, with
+``num_experts > 0``, a dropless top-k mixture of experts (experts split over EXPERT, tokens routed
+with all-to-alls), and a vocab-parallel LM head. The same class runs on one process (every size 1)
+or any layout.
 Initial weights are drawn for the full model from ``init_seed`` and cut to this rank's shards,
 so every layout starts from, and trains, the same model.
 """
@@ -20,6 +22,7 @@ from torch import nn
 from lightning_parallelctx.distributed import LocalContext, all_gather, gather
 from lightning_parallelctx.nn import (
     ColumnParallelLinear,
+    ExpertParallelMoE,
     RowParallelLinear,
     VocabParallelEmbedding,
     shard_state_dict,
@@ -58,25 +61,33 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, context: Any) -> None:
+    def __init__(self, d_model: int, n_heads: int, context: Any, num_experts: int = 0, moe_top_k: int = 1) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = Attention(d_model, n_heads, context)
-        self.fc = ColumnParallelLinear(d_model, 4 * d_model, context=context)
-        self.proj = RowParallelLinear(4 * d_model, d_model, context=context)
+        if num_experts > 0:
+            # Experts split over EXPERT (each holds whole experts: not split over TENSOR, where the
+            # tokens are replicated); the router is a dense replicated Linear.
+            self.moe = ExpertParallelMoE(d_model, 4 * d_model, num_experts, moe_top_k, context=context)
+        else:
+            self.fc = ColumnParallelLinear(d_model, 4 * d_model, context=context)
+            self.proj = RowParallelLinear(4 * d_model, d_model, context=context)
 
     def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), offset)
+        if hasattr(self, "moe"):
+            return x + self.moe(self.ln2(x))
         return x + self.proj(F.gelu(self.fc(self.ln2(x))))
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size: int, seq_len: int, d_model: int, n_heads: int, n_layers: int, context: Any) -> None:
+    def __init__(self, vocab_size: int, seq_len: int, d_model: int, n_heads: int, n_layers: int, context: Any,
+                 num_experts: int = 0, moe_top_k: int = 1) -> None:
         super().__init__()
         self.context = context
         self.tok = VocabParallelEmbedding(vocab_size, d_model, context=context)
         self.pos = nn.Embedding(seq_len, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, context) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, context, num_experts, moe_top_k) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = ColumnParallelLinear(d_model, vocab_size, bias=False, context=context)
 
@@ -91,10 +102,11 @@ class GPT(nn.Module):
     def init_weights(self, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
-            if name.endswith("bias") or ".ln" in name or name.startswith("ln_"):
+            # (Expert biases moe.b1/moe.b2 are zero like the others; moe.w2 is an output projection.)
+            if name.endswith(("bias", "moe.b1", "moe.b2")) or ".ln" in name or name.startswith("ln_"):
                 p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))
             else:
-                std = 0.02 / math.sqrt(2 * len(self.blocks)) if name.endswith(("out.weight", "proj.weight")) else 0.02
+                std = 0.02 / math.sqrt(2 * len(self.blocks)) if name.endswith(("out.weight", "proj.weight", "moe.w2")) else 0.02
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
@@ -103,7 +115,9 @@ class GPTLightning(pl.LightningModule):
 
     def __init__(self, vocab_size: int = 64, seq_len: int = 32, d_model: int = 32, n_heads: int = 4, n_layers: int = 2,
                  lr: float = 3e-3, optimizer: Literal["adamw", "sgd"] = "adamw", weight_decay: float = 0.0,
-                 init_seed: int = 0) -> None:
+                 init_seed: int = 0, num_experts: int = 0, moe_top_k: int = 1) -> None:
+        """``num_experts > 0``: every block's MLP is an :class:`ExpertParallelMoE` of that many experts
+        (top-``moe_top_k`` routing), split over the EXPERT group; 0 keeps the dense MLP."""
         super().__init__()
         self.save_hyperparameters()
 
@@ -113,9 +127,10 @@ class GPTLightning(pl.LightningModule):
         h = self.hparams
         ctx = getattr(self, "parallel_context", None) or LocalContext()
         # The full model's initial weights, the same on every rank and for every layout, cut to this rank's shards.
-        full = GPT(h.vocab_size, h.seq_len, h.d_model, h.n_heads, h.n_layers, LocalContext())
+        moe = {"num_experts": h.get("num_experts", 0), "moe_top_k": h.get("moe_top_k", 1)}
+        full = GPT(h.vocab_size, h.seq_len, h.d_model, h.n_heads, h.n_layers, LocalContext(), **moe)
         full.init_weights(h.init_seed)
-        self.gpt = GPT(h.vocab_size, h.seq_len, h.d_model, h.n_heads, h.n_layers, ctx)
+        self.gpt = GPT(h.vocab_size, h.seq_len, h.d_model, h.n_heads, h.n_layers, ctx, **moe)
         self.gpt.load_state_dict(shard_state_dict(full.state_dict(), self.gpt, ctx))
 
     def _slice(self, *tensors: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
