@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from datetime import timedelta
 
 import torch
@@ -72,9 +73,9 @@ def _open_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
             f"holding it (`ss -ltnp | grep {info.port}`)."
         )
     try:
-        return dist.TCPStore(
-            info.host, info.port, info.world_size, is_master, timeout=timeout, wait_for_workers=True
-        )
+        if is_master:
+            return dist.TCPStore(info.host, info.port, info.world_size, True, timeout=timeout, wait_for_workers=True)
+        return _bounded_client(info, timeout)
     except (RuntimeError, OSError) as err:
         seconds = int(timeout.total_seconds())
         if is_master:
@@ -90,6 +91,38 @@ def _open_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
             f"log: a port in use?), or host/port differ between ranks. Raise the limit with "
             f"timeout=... if rank 0 is just slow to start."
         ) from err
+
+
+def _bounded_client(info: LaunchInfo, timeout: timedelta) -> dist.Store:
+    """A TCPStore client that gives up after ``timeout``.
+
+    torch's client waits forever for the store's handshake when the port is held by a program
+    that accepts connections but is not a store (another job's server on rank 0's port). The
+    constructor releases the GIL, so a daemon thread bounds it; a thread still blocked is left to
+    die with the process, which is about to fail anyway.
+    """
+    box: dict[str, object] = {}
+
+    def connect() -> None:
+        try:
+            box["store"] = dist.TCPStore(info.host, info.port, info.world_size, False, timeout=timeout,
+                                         wait_for_workers=True)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=connect, name="pctx-store-connect", daemon=True)
+    thread.start()
+    thread.join(timeout.total_seconds() + 5.0)
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    if "store" not in box:
+        raise RendezvousError(
+            f"rank {info.rank}: connected to {info.host}:{info.port}, but no rendezvous store answered "
+            f"within {int(timeout.total_seconds())} s: could not reach the rendezvous store of rank 0. "
+            f"Another program probably holds that port on rank 0's host (rank 0's log says so). "
+            f"Fix: pick a free port (port=... or MASTER_PORT=...)."
+        )
+    return box["store"]  # type: ignore[return-value]
 
 
 def init_world(info: LaunchInfo, backend: str | None, timeout: timedelta, namespace: str) -> None:
