@@ -32,7 +32,19 @@ from ..mode import ParallelMode
 from ._common import InitFn, _ParallelLayer, is_meta, linear_init_, mark_shard, shard_size
 
 
-class ColumnParallelLinear(_ParallelLayer):
+class _ParallelLinear(_ParallelLayer):
+    """What both parallel linears share: the full ``(out, in)`` weight is drawn as ``nn.Linear``
+    would draw it and cut by ``init_from_full``, so every tensor-parallel size trains the same model."""
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        w = torch.empty(self.out_features, self.in_features, device=self.weight.device, dtype=self.weight.dtype)
+        b = torch.empty(self.out_features, device=w.device, dtype=w.dtype) if self.bias is not None else None
+        linear_init_(w, b, self.init_method)
+        self.init_from_full(w, b)
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """``y = x W^T + b`` with W's rows (output features) split over the group.
 
     Output: this rank's slice of the features, or all of them with ``gather_output=True``.
@@ -60,13 +72,6 @@ class ColumnParallelLinear(_ParallelLayer):
         if not is_meta(device):
             self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Draw the full weight like ``nn.Linear(in, out)`` would, keep this rank's rows."""
-        w = torch.empty(self.out_features, self.in_features, device=self.weight.device, dtype=self.weight.dtype)
-        b = torch.empty(self.out_features, device=w.device, dtype=w.dtype) if self.bias is not None else None
-        linear_init_(w, b, self.init_method)
-        self.init_from_full(w, b)
 
     @torch.no_grad()
     def init_from_full(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -96,7 +101,7 @@ class ColumnParallelLinear(_ParallelLayer):
                 f"sequence_parallel={self.sequence_parallel}")
 
 
-class RowParallelLinear(_ParallelLayer):
+class RowParallelLinear(_ParallelLinear):
     """``y = x W^T + b`` with W's columns (input features) split over the group.
 
     Input: this rank's slice of the features (``input_is_parallel=True``, e.g. a column layer's
@@ -125,13 +130,6 @@ class RowParallelLinear(_ParallelLayer):
         if not is_meta(device):
             self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Draw the full weight like ``nn.Linear(in, out)`` would, keep this rank's columns."""
-        w = torch.empty(self.out_features, self.in_features, device=self.weight.device, dtype=self.weight.dtype)
-        b = torch.empty(self.out_features, device=w.device, dtype=w.dtype) if self.bias is not None else None
-        linear_init_(w, b, self.init_method)
-        self.init_from_full(w, b)
 
     @torch.no_grad()
     def init_from_full(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
