@@ -107,6 +107,19 @@ def _all_cases(ctx: ParallelContext, mode: str, failures: list[str]) -> int:
                              lambda xs: [torch.cat(xs, nd)] * n, pieces, False, False, s, failures)
             checks += _check(ctx, mode, f"reduce_scatter {tag}", lambda x: D.reduce_scatter(x, dim, mode),
                              lambda xs: list(sum(xs).tensor_split(n, nd)), distinct_full, False, False, s, failures)
+    # TRAPS.md #12: funcol's all_gather_single mishandles a local dim 0 of size 1 with gather_dim != 0.
+    for dim in (1, -1):
+        s = next(seed)
+        gen = torch.Generator().manual_seed(s)
+        full_shape = [1, 3 * n, 2]
+        nd = dim % 3
+        sizes = D.split_sizes(full_shape[nd], n)
+        pieces = _pieces(tuple(full_shape), nd, sizes, gen)
+        tag = f"local dim 0 of size 1, dim={dim}"
+        checks += _check(ctx, mode, f"gather {tag}", lambda x: D.gather(x, dim, mode, sizes=sizes),
+                         lambda xs: [torch.cat(xs, nd)] * n, pieces, False, True, s, failures)
+        checks += _check(ctx, mode, f"all_gather {tag}", lambda x: D.all_gather(x, dim, mode, sizes=sizes),
+                         lambda xs: [torch.cat(xs, nd)] * n, pieces, False, False, s, failures)
     s = next(seed)
     gen = torch.Generator().manual_seed(s)
     distinct = [torch.randn(3, 4, 5, generator=gen, dtype=torch.float64) for _ in range(n)]
