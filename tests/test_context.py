@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+import lightning_parallelctx.distributed
+
 from lightning_parallelctx import ParallelConfigError, ParallelContext, ParallelMode, ProcessGroupInitializer
 from lightning_parallelctx.initializers import _COMPOSITES, register_mode, unregister_mode
 from lightning_parallelctx.testing import RankFailure, openmpi_env, slurm_env, spawn
@@ -282,6 +284,13 @@ def _plugin_modes(rank: int, world: int, yaml_text: str) -> dict:
             dist.all_reduce(value, group=ctx.get_group(mode))
             assert value.item() == len(ranks) == ctx.get_world_size(mode)
             out[mode] = ranks
+            # the library's own collectives take the plug-in mode like a built-in one
+            x = torch.tensor([float(rank)], requires_grad=True)
+            y = lightning_parallelctx.distributed.reduce(x, mode=mode)
+            assert y.item() == sum(ranks)
+            y.backward()
+            assert x.grad.item() == 1.0  # reduce's backward is the identity
+            assert lightning_parallelctx.distributed.get_world_size(mode) == len(ranks)
         out["calls"] = ctx.new_group_calls
         ctx.destroy()
         return out
