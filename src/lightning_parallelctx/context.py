@@ -240,6 +240,16 @@ class ParallelContext:
     sp_size = property(lambda self: self.layout.sizes["sequence"])
     ep_size = property(lambda self: self.layout.sizes["expert"])
 
+    def print_layout(self, console: Any = None, *, max_groups: int = 4) -> None:
+        """Print the planner's tables (axes, every mode's groups, every rank's coordinates) for this
+        context. Call it on one rank."""
+        from rich.console import Console
+
+        from .plan import render
+
+        render(self.layout, [state.groups for state in self._modes.values()], console or Console(),
+               max_groups=max_groups, max_ranks=16)
+
     # ------------------------------------------------------------------ DTensor / FSDP2 view
     @property
     def device_mesh(self) -> "torch.distributed.device_mesh.DeviceMesh":

@@ -9,6 +9,7 @@ The working directory is importable, so examples run from the repository root
 from __future__ import annotations
 
 import os
+import warnings
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,10 @@ def main(argv: Sequence[str] | None = None, **cli_kwargs: Any) -> LightningCLI:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     import lightning_parallelctx  # noqa: F401  (registers the "parallelctx" strategy name)
+
+    # Lightning 2.6's pytree helper trips torch 2.13's LeafSpec deprecation once per process and
+    # loader: noise for the user, nothing to act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
     args = list(sys.argv[1:] if argv is None else argv)
     options: dict[str, Any] = {

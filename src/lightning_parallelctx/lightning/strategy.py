@@ -83,6 +83,7 @@ class ParallelCtxStrategy(ParallelStrategy):
             ``"tensor_2d_row"`` / ``"pipeline_embedding"``, or ``{"class_path": ..., "init_args": {...}}``
             naming a ``ProcessGroupInitializer`` subclass. ``self.parallel_context.get_group(name)``
             then works in the LightningModule. Modes registered with ``@register_mode`` are added anyway.
+        print_layout: global rank 0 prints the table of process groups when the context is built.
         gradient_handler: how gradients are synchronised: ``"bucketed"`` (default), ``"ddp"``,
             ``"allreduce"``, or ``{"class_path": ..., "init_args": {...}}``.
         launcher: ``"auto"`` (detect), ``"local"`` or a launcher name; see :class:`ParallelCtxEnvironment`.
@@ -104,6 +105,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         expert_parallel_size: int = 1,
         order: str | None = None,
         modes: list[str | dict[str, Any]] | None = None,
+        print_layout: bool = True,
         gradient_handler: str | dict[str, Any] = "bucketed",
         launcher: Literal["auto", "local", "torchrun", "slurm", "openmpi", "mpich", "mvapich2"] = "auto",
         sync_initial_weights: bool = True,
@@ -123,6 +125,8 @@ class ParallelCtxStrategy(ParallelStrategy):
         modes = list(modes or [])
         for spec in modes:
             resolve_initializer(spec)  # an unknown name or a bad class_path fails here, not in fit
+        if not isinstance(print_layout, bool):
+            raise ParallelConfigError(f"print_layout={print_layout!r} must be a bool")
         check_gradient_handler_spec(gradient_handler)
         if launcher not in LAUNCHERS:
             raise ParallelConfigError(f"launcher={launcher!r} must be one of {', '.join(LAUNCHERS)}")
@@ -141,6 +145,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._sizes = sizes
         self._order = order
         self._modes = modes
+        self._print_layout = print_layout
         self._gradient_handler_spec = gradient_handler
         self._sync_initial_weights = sync_initial_weights
         self._process_group_backend = process_group_backend
@@ -181,6 +186,8 @@ class ParallelCtxStrategy(ParallelStrategy):
             # rank, which a process we launched ourselves cannot read from any launcher's variables.
             ctx = ParallelContext(sizes=sizes, order=self._order, modes=self._modes, backend=self._process_group_backend,
                                   timeout=self._timeout, env=self._launch_env())
+            if self._print_layout and ctx.global_rank == 0:
+                ctx.print_layout()
         self._context = ctx
         return ctx
 
