@@ -35,6 +35,9 @@ def test_mode_added_from_yaml_only(tmp_path: Path):
     # dp4 data group [0, 1, 2, 3] interleaved in 2 parts: [0, 2] and [1, 3]
     assert groups == {0: "[0, 2]", 1: "[1, 3]", 2: "[0, 2]", 3: "[1, 3]"}, out.stdout[-2000:]
     assert re.search(r"^final loss: [\d.]+ \(step 6\)$", out.stdout, re.M)
+    # rank 0 printed the process-group table once, the plug-in mode in it
+    assert out.stdout.count("Process groups per mode") == 1
+    assert re.search(r"data_interleaved\s+│\s+DATA interleaved", out.stdout), out.stdout[:3000]
     (metrics,) = tmp_path.glob("*/version_*/metrics.csv")
     rows = list(csv.DictReader(metrics.open()))
     assert any(row.get("loss_data_interleaved") for row in rows), rows[:3]
