@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_parallelctx
 from lightning_parallelctx import ParallelCtxEnvironment, ParallelCtxStrategy
-from lightning_parallelctx.errors import ParallelConfigError
+from lightning_parallelctx.errors import LauncherError, ParallelConfigError
 from lightning_parallelctx.lightning.environment import (
     LaunchMismatchError,
     mpi_default_port,
@@ -121,6 +121,19 @@ def test_slurm_batch_script_and_one_task_steps_launch_locally(clean_env: pytest.
     assert ParallelCtxEnvironment().launcher == "local"
 
 
+@pytest.mark.parametrize("var", ["SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"])
+def test_malformed_slurm_task_count_is_a_clear_error(clean_env: pytest.MonkeyPatch, var: str) -> None:
+    # A task count that is set but not a number must not silently count as "absent" (one task).
+    srun(clean_env, rank=1, tasks=4)
+    if var == "SLURM_NTASKS":
+        clean_env.delenv("SLURM_STEP_NUM_TASKS")
+    clean_env.setenv(var, "4x")
+    with pytest.raises(LauncherError, match=rf"{var}='4x' is not an integer, but slurm sets it.*Fix: unset {var}"):
+        _ = ParallelCtxEnvironment().launcher
+    clean_env.setenv(var, "")  # empty = absent: falls back (to SLURM_NTASKS, then one task)
+    assert ParallelCtxEnvironment().launcher == ("slurm" if var == "SLURM_STEP_NUM_TASKS" else "local")
+
+
 @pytest.mark.parametrize("name", ["interactive", "bash"])
 def test_slurm_interactive_job_name_with_several_tasks_is_a_clear_error(clean_env: pytest.MonkeyPatch, name: str) -> None:
     srun(clean_env, rank=1, tasks=4, name=name)
@@ -139,7 +152,6 @@ def test_slurm_interactive_job_name_with_several_tasks_is_a_clear_error(clean_en
 @pytest.mark.parametrize("kind", ["openmpi", "mpich", "mvapich2"])
 def test_mpi_without_mpi4py_is_one_world_not_copies(clean_env: pytest.MonkeyPatch, kind: str) -> None:
     # Lightning's MPIEnvironment needs mpi4py: without it every rank launches its own workers.
-    pytest.importorskip("lightning")
     if kind == "openmpi":
         openmpi(clean_env, rank=3)
     elif kind == "mpich":
@@ -201,8 +213,20 @@ def test_strategy_arguments_are_checked_at_once(kwargs: dict, message: str) -> N
         ParallelCtxStrategy(**kwargs)
 
 
+@pytest.mark.parametrize("pp", [2, 4])
+def test_pipeline_parallel_is_refused_until_there_is_a_schedule(pp: int) -> None:
+    # Without a schedule every pipeline rank would train the whole model (and clip by a sqrt(pp) too
+    # large norm, and checkpoint pp identical shards): refuse, naming the value, the rule and the fix.
+    with pytest.raises(ParallelConfigError, match=(
+            rf"no pipeline schedule yet: with pipeline_parallel_size={pp} every stage would train the whole model "
+            r"\(pipeline_parallel_size must be 1\)\. Use pipeline_parallel_size=1; ParallelContext still builds "
+            r"pipeline groups")):
+        ParallelCtxStrategy(tensor_parallel_size=2, pipeline_parallel_size=pp)
+    ParallelCtxStrategy(pipeline_parallel_size=1)
+
+
 def test_gradient_handler_argument_is_checked_at_once() -> None:
-    with pytest.raises((ValueError, TypeError, KeyError), match="nope|unknown|not"):
+    with pytest.raises(ValueError, match=r"unknown gradient handler 'nope'; registered names are \[.*'bucketed'"):
         ParallelCtxStrategy(gradient_handler="nope")
     with pytest.raises(TypeError, match="gradient_handler=3"):
         ParallelCtxStrategy(gradient_handler=3)  # type: ignore[arg-type]

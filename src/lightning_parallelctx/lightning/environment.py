@@ -211,7 +211,7 @@ def resolve_launcher(env: Mapping[str, str], requested: str = "auto") -> str:
         return name
     if "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
         return "local"  # the batch script or an salloc shell: one process, not one per task
-    tasks = _int_or_none(env.get("SLURM_STEP_NUM_TASKS")) or _int_or_none(env.get("SLURM_NTASKS")) or 1
+    tasks = _int_or_none(env, "SLURM_STEP_NUM_TASKS", "slurm") or _int_or_none(env, "SLURM_NTASKS", "slurm") or 1
     if tasks == 1:
         return "local"
     job_name = env.get("SLURM_JOB_NAME", "")
@@ -263,8 +263,17 @@ def _how_to_match(name: str) -> str:
     }.get(name, "start mpirun with -np <devices x num_nodes> (-npernode <devices>)")
 
 
-def _int_or_none(value: str | None) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except ValueError:
+def _int_or_none(env: Mapping[str, str], name: str, launcher: str) -> int | None:
+    """``env[name]`` as an int; None when the variable is absent or empty. A value that is set but
+    not an integer is an error: guessing would pick the wrong launch mode."""
+    value = env.get(name)
+    if value is None or value.strip() == "":
         return None
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchMismatchError(
+            f"{name}={value!r} is not an integer, but {launcher} sets it to a number of processes; this "
+            f"environment was changed or copied from another job. Fix: unset {name} or set it to an integer "
+            f"(or pass ParallelCtxEnvironment(launcher=...) / PCTX_LAUNCHER to say who starts the processes)."
+        ) from None

@@ -77,7 +77,8 @@ class ParallelCtxStrategy(ParallelStrategy):
     Args:
         data_parallel_size: DATA size; ``"auto"`` = world size / the product of the other sizes.
         tensor_parallel_size, pipeline_parallel_size, sequence_parallel_size, expert_parallel_size:
-            sizes of the other axes.
+            sizes of the other axes. ``pipeline_parallel_size`` must be 1: the strategy has no pipeline
+            schedule yet (a :class:`ParallelContext` built directly still makes pipeline groups).
         order: rank layout, innermost axis first, e.g. ``"tp-sp-ep-dp-pp"`` (the default).
         modes: extra parallel modes (plug-in process-group initializers): registered names such as
             ``"tensor_2d_row"`` / ``"pipeline_embedding"``, or ``{"class_path": ..., "init_args": {...}}``
@@ -118,6 +119,16 @@ class ParallelCtxStrategy(ParallelStrategy):
         for name, value in zip(_SIZE_NAMES, (tensor_parallel_size, pipeline_parallel_size,
                                              sequence_parallel_size, expert_parallel_size)):
             sizes[name] = _check_size(name, value)
+        if sizes["pipeline_parallel_size"] > 1:
+            # No schedule splits the model into stages: every PIPELINE rank would train the whole
+            # model, the clipping norm would sum the same gradients pp times and checkpoints would
+            # hold pp identical shards. Refuse rather than train wrongly.
+            raise ParallelConfigError(
+                f"ParallelCtxStrategy has no pipeline schedule yet: with pipeline_parallel_size="
+                f"{sizes['pipeline_parallel_size']} every stage would train the whole model (pipeline_parallel_size "
+                f"must be 1). Use pipeline_parallel_size=1; ParallelContext still builds pipeline groups "
+                f"(ctx.get_group('pipeline')) for a schedule of your own."
+            )
         if order is not None:
             if not isinstance(order, str):
                 raise ParallelConfigError(f"order={order!r} must be a string like 'tp-sp-ep-dp-pp' or None")
