@@ -51,7 +51,8 @@ def run_sbatch(env: dict[str, str], script: str, workdir: Path, timeout: float =
         subprocess.run(["scancel", job], env=env, timeout=30)
         raise AssertionError(f"Slurm job {job} still running after {timeout} s; cancelled it. Output so far:\n"
                              + (workdir / f"slurm-{job}.out").read_text(errors="replace"))
-    state = subprocess.run(["sacct", "-n", "-X", "-j", job, "-o", "State"], env=env, capture_output=True, text=True)
+    state = subprocess.run(["sacct", "-n", "-X", "-j", job, "-o", "State"], env=env, capture_output=True, text=True,
+                           timeout=30)
     text = (workdir / f"slurm-{job}.out").read_text(errors="replace")
     return text + (f"\n[sacct state: {state.stdout.strip()}]" if state.returncode == 0 else "")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 import subprocess
 import sys
@@ -29,6 +30,7 @@ def test_mode_added_from_yaml_only(tmp_path: Path):
          "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "2",
          "--trainer.logger.init_args.save_dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=400,
+        env={**os.environ, "COLUMNS": "200"},  # rich wraps table cells at 80 columns otherwise
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     groups = {int(r): g for r, g in re.findall(r"mode data_interleaved: rank (\d) group (\[[\d, ]+\])", out.stdout)}

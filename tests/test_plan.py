@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +33,13 @@ def test_plan_invalid_sizes_list_valid_ones(capsys):
 
 def test_plan_64_ranks_as_a_command():
     out = subprocess.run([sys.executable, "-m", "lightning_parallelctx", "plan", "--world-size", "64", "--tp", "4",
-                          "--pp", "2"], capture_output=True, text=True, timeout=120)
+                          "--pp", "2"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
-    assert "Layout: 64 ranks" in out.stdout and "(step 4)" not in out.stderr
+    assert "Layout: 64 ranks" in out.stdout and out.stderr == ""
+    assert "[0, 1, 2, 3]  [4, 5, 6, 7]" in out.stdout  # tensor groups
+    assert "[0, 4, 8, 12, 16, 20, 24, 28]  [1, 5, 9, 13, 17, 21, 25, 29]" in out.stdout  # data groups
+    assert "[0, 32]  [1, 33]" in out.stdout  # pipeline groups
 
 
 def test_plan_user_mode_by_class_path_json():
