@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import socket
 
 import pytest
@@ -110,7 +112,14 @@ def _reuse_existing_world(rank: int, world: int) -> tuple[bool, bool]:
     ctx = ParallelContext.from_torch(tensor_parallel_size=2, timeout=60)
     _verify(ctx)
     same = ctx.get_group("global") is world_group
+    assert ctx.get_local_rank() == rank  # from the launcher's variables, which describe this process
     ctx.destroy()
+    # No launcher variables describe this process: the node-local rank is unknown, not guessed as 0.
+    blind = ParallelContext.from_torch(tensor_parallel_size=2, timeout=60, env={})
+    with pytest.raises(Exception, match="the rank on this node is unknown"):
+        blind.get_local_rank()
+    assert blind.get_local_rank("tensor") == rank % 2
+    blind.destroy()
     return same, dist.is_initialized()  # the user's world outlives the context
 
 
@@ -292,6 +301,11 @@ def _plugin_modes(rank: int, world: int, yaml_text: str) -> dict:
             assert x.grad.item() == 1.0  # reduce's backward is the identity
             assert lightning_parallelctx.distributed.get_world_size(mode) == len(ranks)
         out["calls"] = ctx.new_group_calls
+        # pickled with a module, it comes back as the live context that has these modes
+        assert pickle.loads(pickle.dumps(ctx)) is ctx and copy.deepcopy(ctx) is ctx
+        plain = ParallelContext.from_torch(tensor_parallel_size=2, timeout=60)  # same layout, fewer modes
+        assert pickle.loads(pickle.dumps(ctx)) is ctx and pickle.loads(pickle.dumps(plain)) is plain
+        plain.destroy()
         ctx.destroy()
         return out
     finally:

@@ -40,10 +40,6 @@ class _ModeState:
     groups: ModeGroups
     ranks: tuple[int, ...] | None  # this rank's group, None when the mode does not cover it
 
-    @property
-    def local_rank(self) -> int | None:
-        return None if self.ranks is None else self.ranks.index(dist.get_rank())
-
 
 class ParallelContext:
     """Process groups for data, tensor, pipeline, sequence and expert parallelism (and plug-ins).
@@ -161,6 +157,7 @@ class ParallelContext:
             raise
         self._device_mesh = None
         self.build_id = build_id
+        #: Seconds this rank spent building (validation, rendezvous, its own groups).
         self.build_seconds = time.perf_counter() - started
         _LIVE.add(self)
         from .distributed import set_current_context  # late: the collectives import this module
@@ -178,6 +175,13 @@ class ParallelContext:
     def get_local_rank(self, mode: "Mode | None" = None) -> int:
         """Rank inside this rank's group of ``mode``; with no mode, the rank on this node."""
         if mode is None:
+            if self._launch.local_rank is None:
+                raise ParallelCtxError(
+                    f"rank {self.get_global_rank()}: the rank on this node is unknown: the default process "
+                    f"group was made outside this context and no launcher variables describe this process "
+                    f"(LOCAL_RANK, SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK, MPI_LOCALRANKID, ...). Fix: export "
+                    f"LOCAL_RANK, or pass env={{'LOCAL_RANK': ...}} when building the context"
+                )
             return self._launch.local_rank
         return self._own(mode).index(self.get_global_rank())
 
@@ -307,8 +311,8 @@ class ParallelContext:
 
     def __reduce__(self) -> tuple:
         # Pickled with a module (spawn, checkpoints, predict), it comes back as the live context of
-        # the unpickling process with the same layout, or None there is none yet.
-        return (_live_context, (dict(self.layout.sizes), self.layout.order))
+        # the unpickling process with the same layout and modes, or None if there is none yet.
+        return (_live_context, (dict(self.layout.sizes), self.layout.order, tuple(self._modes)))
 
     # ------------------------------------------------------------------ internals
     def _alive(self) -> None:
@@ -339,9 +343,11 @@ class ParallelContext:
 _OPTIONS = {"order", "modes", "backend", "timeout", "env"}
 
 
-def _live_context(sizes: dict, order: tuple) -> "ParallelContext | None":
-    for ctx in list(_LIVE):
-        if not ctx.is_destroyed and dict(ctx.layout.sizes) == sizes and ctx.layout.order == tuple(order):
+def _live_context(sizes: dict, order: tuple, modes: tuple[str, ...] = ()) -> "ParallelContext | None":
+    """The newest live context with this layout and (at least) these modes, if any."""
+    for ctx in sorted(_LIVE, key=lambda c: -c.build_id):
+        if (not ctx.is_destroyed and dict(ctx.layout.sizes) == sizes and ctx.layout.order == tuple(order)
+                and all(ctx.has_mode(m) for m in modes)):
             return ctx
     return None
 
@@ -359,14 +365,19 @@ def _launch_with_overrides(info: LaunchInfo, host: str | None, port: int | None)
 
 
 def _existing_world_launch(env: Mapping[str, str], rank: int, world_size: int) -> LaunchInfo:
-    """Describe a world someone else made; only the node-local rank needs the launcher."""
+    """Describe a world someone else made; only the node-local rank needs the launcher, and it is
+    left unknown (None) rather than guessed when the launcher's variables describe another process:
+    a wrong guess would put two ranks on one GPU."""
+    if world_size == 1:
+        return LaunchInfo("existing", rank, 1, 0)
     try:
         local = read_launch(env)
-        local_rank = local.local_rank if local.world_size == world_size else 0
-        launcher = local.launcher
     except LauncherError:
-        local_rank, launcher = 0, "existing"
-    return LaunchInfo(launcher, rank, world_size, local_rank)
+        return LaunchInfo("existing", rank, world_size, None)
+    if local.world_size == world_size and local.rank == rank:
+        return LaunchInfo(local.launcher, rank, world_size, local.local_rank, local.local_world_size,
+                          local.node_rank, local.num_nodes, local.host, local.port)
+    return LaunchInfo("existing", rank, world_size, None)  # type: ignore[arg-type]
 
 
 def _check_same_everywhere(layout: RankLayout, modes: list[ModeGroups], build_id: int) -> None:

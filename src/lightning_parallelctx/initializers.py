@@ -296,10 +296,7 @@ def mode_groups_for(layout: RankLayout, extra: Iterable[InitializerSpec] = ()) -
         if init.applies(layout):
             out.append(compute_mode_groups(init, layout))
         elif init.name in requested:
-            try:
-                init.groups(layout)  # initializers explain their own rule best
-            except ParallelConfigError:
-                raise
+            init.groups(layout)  # initializers explain their own rule best: most raise here
             raise ParallelConfigError(f"mode {init.name!r} ({init.describe()}) does not apply to {layout.describe()}")
     return out
 

@@ -21,7 +21,7 @@ class LaunchInfo:
     launcher: str  # torchrun | slurm | openmpi | mpich | mvapich2 | none
     rank: int
     world_size: int
-    local_rank: int
+    local_rank: int | None  # None: unknown (a world made elsewhere, no launcher variables)
     local_world_size: int | None = None
     node_rank: int | None = None
     num_nodes: int | None = None

@@ -45,12 +45,18 @@ class LocalContext:
         return 1
 
     def get_local_rank(self, mode: Any = None) -> int:
+        if mode is not None:
+            mode_name(mode)
         return 0
 
     def get_group(self, mode: Any) -> Any:
-        raise ParallelCtxError("LocalContext has no process groups (every mode has size 1)")
+        raise ParallelCtxError(
+            f"LocalContext has no process groups (every mode has size 1, so {mode_name(mode)!r} needs no "
+            f"communication); check get_world_size(mode) > 1 before asking for a group"
+        )
 
     def get_ranks_in_group(self, mode: Any) -> list[int]:
+        mode_name(mode)
         return [0]
 
     def __repr__(self) -> str:
