@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -65,10 +66,12 @@ def _child(fn: Callable, rank: int, world_size: int, env: Mapping[str, str], arg
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            # The rank's result is already reported; a teardown failure must not replace it, but
+            # it must not vanish either.
             try:
                 dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as err:  # noqa: BLE001
+                print(f"rank {rank}: destroy_process_group failed during teardown: {err}", file=sys.stderr)
 
 
 _CTX = None
