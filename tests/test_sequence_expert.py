@@ -260,3 +260,51 @@ def test_expert_parallel_moe_equals_unsplit(world_size: int, sizes: dict) -> Non
     for rank, res in enumerate(results):
         assert res["failures"] == [], f"rank {rank}: {res['failures'][:10]}"
         assert res["checks"] >= 2 * (2 * 7 + 1)
+
+
+def _bad_dispatch_worker(rank: int, world_size: int) -> dict:
+    ctx = ParallelContext.from_torch(expert_parallel_size=world_size)
+    D.set_current_context(ctx)
+    num_experts = 2 * world_size
+    x = torch.randn(4, 3, dtype=F64)
+    good = torch.tensor([0, 1, 2, 3])
+    cases = {  # only rank 1 is wrong; every rank must raise (no hang), before any token moves
+        "range": torch.tensor([0, num_experts, -1, num_experts]),
+        "length": torch.tensor([0, 1]),
+        "dtype": torch.tensor([0.0, 1.0, 2.0, 3.0]),
+    }
+    errors = {}
+    for name, bad in cases.items():
+        try:
+            D.dispatch(x, bad if rank == 1 else good, num_experts, "expert")
+            errors[name] = None
+        except Exception as err:  # noqa: BLE001  (the test checks the type)
+            errors[name] = (type(err).__name__, str(err))
+    # The group is still in step afterwards: a valid dispatch/combine round trip works.
+    recv, local, handle = D.dispatch(x, good, num_experts, "expert")
+    back = D.combine(recv, handle)
+    ctx.destroy()
+    return {"errors": errors, "round_trip": torch.equal(back, x)}
+
+
+def test_dispatch_rejects_bad_expert_index_on_every_rank_without_hanging() -> None:
+    # One process: the error names the bad ids, the range, num_experts and the fix.
+    with pytest.raises(Exception, match=r"expert_index holds 3 id\(s\) outside \[0, 4\) with num_experts=4: -2, 4, 7\. "
+                                        r"Every expert id must be in 0\.\.3\. Fix: make the router score"):
+        D.dispatch(torch.zeros(5, 3), torch.tensor([0, 4, 7, -2, 3]), 4, context=LocalContext())
+    # Two ranks, bad input on rank 1 only: rank 1 says what is wrong, rank 0 names rank 1 (and the
+    # timeout is far below gloo's default, so a hang would fail here rather than wait 30 minutes).
+    results = spawn(_bad_dispatch_worker, 2, timeout=120)
+    for rank, res in enumerate(results):
+        assert res["round_trip"], rank
+        for name, err in res["errors"].items():
+            assert err is not None and err[0] == "ParallelCtxError", (rank, name, err)
+            if rank == 0:
+                assert "rank(s) [1] of the 'expert' group passed invalid expert_index/tokens" in err[1], err
+                assert "no tokens were exchanged" in err[1], err
+    bad = results[1]["errors"]
+    assert "dispatch on rank 1 of the 'expert' group: expert_index holds 3 id(s) outside [0, 4) with num_experts=4: -1, 4." \
+        in bad["range"][1], bad["range"]
+    assert "expert_index has 2 entries for 4 tokens" in bad["length"][1] and "Fix:" in bad["length"][1]
+    assert "expert_index has dtype torch.float32" in bad["dtype"][1] and ".long()" in bad["dtype"][1]
+

@@ -8,6 +8,13 @@ group of ``n`` ranks, rank ``r`` holds experts ``r * E/n ... (r + 1) * E/n - 1``
 sends the tokens with one ``all_to_all_single``; ``combine`` is the exact inverse. Both are
 differentiable: the backward of each all-to-all is the all-to-all with the counts swapped, so
 expert weights get the gradient of every rank's tokens and token gradients return home.
+
+Bad input on one rank (an ``expert_index`` outside ``[0, num_experts)``, of the wrong length or
+dtype) is found locally, before any token moves. Raising there alone would leave the other ranks
+blocked in the counts all-to-all until the backend's timeout; instead the rank sends the count -1
+to every peer in that exchange, which it makes anyway (no extra collective), and then raises its
+own error; every peer sees the -1 and raises naming that rank. No token is exchanged, and the group
+stays usable.
 """
 
 from __future__ import annotations
@@ -57,9 +64,32 @@ def experts_per_rank(num_experts: int, g: GroupInfo) -> int:
     if num_experts % g.size:
         raise ParallelCtxError(
             f"num_experts={num_experts} is not divisible by the {g.mode!r} group size {g.size}; every "
-            f"rank must hold the same number of experts"
+            f"rank must hold the same number of experts. Fix: use a multiple of {g.size} experts "
+            f"(e.g. {(num_experts // g.size + 1) * g.size}) or an expert_parallel_size that divides {num_experts}"
         )
     return num_experts // g.size
+
+
+_BAD_INPUT = -1  # the count a rank with bad input sends to every peer instead of its token counts
+
+
+def _input_error(tokens: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> str | None:
+    """What is wrong with this rank's dispatch arguments, or None. Local: no communication."""
+    if expert_index.dtype.is_floating_point or expert_index.dtype.is_complex or expert_index.dtype == torch.bool:
+        return (f"expert_index has dtype {expert_index.dtype}, but it must hold integer expert ids. Fix: pass "
+                f"the router's indices (e.g. logits.topk(k).indices), or convert with .long()")
+    if expert_index.numel() != tokens.shape[0]:
+        return (f"expert_index has {expert_index.numel()} entries for {tokens.shape[0]} tokens, but every token "
+                f"(row of tokens) needs exactly one expert id. Fix: for top-k routing repeat each token k times "
+                f"(tokens.repeat_interleave(k, 0)) and flatten the k indices per token in the same order")
+    bad = (expert_index < 0) | (expert_index >= num_experts)
+    if bool(bad.any()):
+        values = torch.unique(expert_index[bad]).tolist()
+        shown = ", ".join(map(str, values[:8])) + (f", ... ({len(values)} distinct)" if len(values) > 8 else "")
+        return (f"expert_index holds {int(bad.sum())} id(s) outside [0, {num_experts}) with num_experts={num_experts}: "
+                f"{shown}. Every expert id must be in 0..{num_experts - 1}. Fix: make the router score exactly "
+                f"num_experts={num_experts} experts, or pass the num_experts it was built for")
+    return None
 
 
 def dispatch(tokens: torch.Tensor, expert_index: torch.Tensor, num_experts: int,
@@ -73,19 +103,33 @@ def dispatch(tokens: torch.Tensor, expert_index: torch.Tensor, num_experts: int,
     for :func:`combine`. For top-k routing, repeat each token k times first.
     """
     g = group_info(mode, context)
-    per_rank = experts_per_rank(num_experts, g)
+    per_rank = experts_per_rank(num_experts, g)  # same arguments on every rank: raising alone is safe
     expert_index = expert_index.reshape(-1)
-    if expert_index.numel() != tokens.shape[0]:
-        raise ParallelCtxError(f"expert_index has {expert_index.numel()} entries for {tokens.shape[0]} tokens")
-    order = torch.argsort(expert_index, stable=True)
-    ordered = tokens.index_select(0, order)  # differentiable gather; never touches tokens
-    experts = expert_index.index_select(0, order)
-    send = torch.bincount(torch.div(experts, per_rank, rounding_mode="floor"), minlength=g.size)
-    if g.size == 1:
-        return ordered, experts, DispatchHandle(order, send.tolist(), send.tolist(), g, per_rank)
+    error = _input_error(tokens, expert_index, num_experts)
+    if error is not None:
+        error = f"dispatch on rank {g.rank} of the {g.mode!r} group: {error}"
+        if g.size == 1:
+            raise ParallelCtxError(error)
+        # Still take part in the counts exchange, so the peers fail with us instead of hanging.
+        send = torch.full((g.size,), _BAD_INPUT, dtype=torch.long, device=expert_index.device)
+    else:
+        order = torch.argsort(expert_index, stable=True)
+        ordered = tokens.index_select(0, order)  # differentiable gather; never touches tokens
+        experts = expert_index.index_select(0, order)
+        send = torch.bincount(torch.div(experts, per_rank, rounding_mode="floor"), minlength=g.size)
+        if g.size == 1:
+            return ordered, experts, DispatchHandle(order, send.tolist(), send.tolist(), g, per_rank)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=g.group)  # counts first: receivers size their buffers
     send_l, recv_l = send.tolist(), recv.tolist()
+    if error is not None:
+        raise ParallelCtxError(error)
+    bad_ranks = [src for src, count in enumerate(recv_l) if count == _BAD_INPUT]
+    if bad_ranks:
+        raise ParallelCtxError(
+            f"dispatch: rank(s) {bad_ranks} of the {g.mode!r} group passed invalid expert_index/tokens (their own "
+            f"error says what and how to fix it); no tokens were exchanged. Fix the input on those rank(s)"
+        )
     received = _TokenAllToAll.apply(ordered, send_l, recv_l, g)
     local_ids = _exchange(experts, send_l, recv_l, g) - g.rank * per_rank
     return received, local_ids, DispatchHandle(order, send_l, recv_l, g, per_rank)
