@@ -30,6 +30,9 @@ from lightning_parallelctx import ParallelContext
 from lightning_parallelctx.testing import spawn
 
 STEPS = 20
+# Every test here uses the module fixtures; whichever runs first (alone, with -k, or in any order)
+# builds them: reference (400 s) + parallel (900 s) of spawn timeouts, above pytest's global 300 s.
+pytestmark = pytest.mark.timeout(1500)
 TOL = 1e-5
 MODEL = {"vocab_size": 32, "seq_len": 16, "d_model": 32, "n_heads": 4, "n_layers": 1, "lr": 3e-3, "optimizer": "adamw"}
 # 160 samples = 20 batches of 8: one epoch is 20 steps, or 10 with accumulate_grad_batches=2.
@@ -264,7 +267,6 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 # ------------------------------------------------------------------------------ tests
-@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout: str, reference: dict, parallel: list[dict]) -> None:
     ref = reference["acc2-clip" if LAYOUTS[layout][1] == 2 else "plain"]
@@ -273,6 +275,8 @@ def test_layout_matches_single_process(layout: str, reference: dict, parallel: l
     assert len(ref["losses"]) == n_micro and all(len(r["losses"]) == n_micro for r in runs)
     for r in runs:  # every rank logs the same synced loss, equal to the reference's
         assert max(abs(a - b) for a, b in zip(r["losses"], ref["losses"])) < TOL, (r["losses"][:4], ref["losses"][:4])
+        # One norm per optimizer step, on every rank (zip would silently compare a prefix).
+        assert len(r["norms"]) == len(ref["norms"]) == STEPS, (len(r["norms"]), len(ref["norms"]))
         assert max(abs(a - b) / max(b, 1e-3) for a, b in zip(r["norms"], ref["norms"])) < TOL
     assert ref["losses"][-1] < ref["losses"][0] - 0.1  # it learns something
     assert _max_diff(runs[0]["final"], ref["final"]) < TOL

@@ -48,6 +48,9 @@ from test_strategy import (  # helpers only: an imported test_* name would be co
 from lightning_parallelctx.testing import spawn
 
 NUM_EXPERTS, TOP_K = 4, 2
+# Every test here uses the module fixtures; whichever runs first (alone, with -k, or in any order)
+# builds them: reference (300 s) + parallel (600 s) of spawn timeouts, above pytest's global 300 s.
+pytestmark = pytest.mark.timeout(1000)
 MODEL = {"vocab_size": 32, "seq_len": 16, "d_model": 32, "n_heads": 4, "n_layers": 1, "lr": 3e-3,
          "optimizer": "adamw", "num_experts": NUM_EXPERTS, "moe_top_k": TOP_K}
 
@@ -174,13 +177,14 @@ def parallel(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------ tests
-@pytest.mark.timeout(1000)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_expert_layout_matches_single_process(layout: str, reference: dict, parallel: list[dict]) -> None:
     ref, runs = reference, [r[layout] for r in parallel]
     assert len(ref["losses"]) == STEPS and all(len(r["losses"]) == STEPS for r in runs)
     for r in runs:  # every rank logs the same synced loss, equal to the reference's
         assert max(abs(a - b) for a, b in zip(r["losses"], ref["losses"])) < TOL, (r["losses"][:4], ref["losses"][:4])
+        # One norm per optimizer step, on every rank (zip would silently compare a prefix).
+        assert len(r["norms"]) == len(ref["norms"]) == STEPS, (len(r["norms"]), len(ref["norms"]))
         assert max(abs(a - b) / max(b, 1e-3) for a, b in zip(r["norms"], ref["norms"])) < TOL
     assert ref["losses"][-1] < ref["losses"][0] - 0.1  # it learns something
     for r in runs:  # the full weights, from Lightning's consolidation and from the nn markers
