@@ -225,6 +225,13 @@ def test_pipeline_parallel_is_refused_until_there_is_a_schedule(pp: int) -> None
     ParallelCtxStrategy(pipeline_parallel_size=1)
 
 
+def test_save_checkpoint_refuses_storage_options_saying_what_to_do(tmp_path) -> None:
+    with pytest.raises(TypeError, match=r"storage_options=\{'acl': 'private'\}, but it writes a directory of "
+                                        r"per-shard files.*Fix: call trainer\.save_checkpoint\(path\) without"):
+        ParallelCtxStrategy().save_checkpoint({}, tmp_path / "ckpt", storage_options={"acl": "private"})
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_gradient_handler_argument_is_checked_at_once() -> None:
     with pytest.raises(ValueError, match=r"unknown gradient handler 'nope'; registered names are \[.*'bucketed'"):
         ParallelCtxStrategy(gradient_handler="nope")

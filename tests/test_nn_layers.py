@@ -319,3 +319,18 @@ class _Sized(LocalContext):
 
     def get_world_size(self, mode=None) -> int:
         return self.n
+
+
+def test_cross_entropy_errors_name_the_value_the_rule_and_the_fix() -> None:
+    from lightning_parallelctx.errors import ParallelCtxError
+
+    logits, local = torch.randn(2, 3, 10), LocalContext()
+    with pytest.raises(ParallelCtxError, match=r"target has 5 entries for 6 rows of logits.*target\.shape == "
+                                               r"logits\.shape\[:-1\]\. Fix:"):
+        N.vocab_parallel_cross_entropy(logits, torch.zeros(5, dtype=torch.long), context=local)
+    with pytest.raises(ParallelCtxError, match=r"target holds id\(s\) -3, 10 outside \[0, 10\).*ignore_index=-100\. Fix:"):
+        N.vocab_parallel_cross_entropy(logits, torch.tensor([[0, 10, -100], [-3, 1, 2]]), context=local)
+    with pytest.raises(ValueError, match=r"label_smoothing=1\.5 must be in \[0, 1\].*use e\.g\."):
+        N.vocab_parallel_cross_entropy(logits, torch.zeros(2, 3, dtype=torch.long), label_smoothing=1.5, context=local)
+    with pytest.raises(ValueError, match="reduction='avg' is not a reduction; use 'mean', 'sum' or 'none'"):
+        N.vocab_parallel_cross_entropy(logits, torch.zeros(2, 3, dtype=torch.long), reduction="avg", context=local)

@@ -39,9 +39,11 @@ def split_sizes(total: int, parts: int) -> list[int]:
 
 def normalize_dim(dim: int, ndim: int, what: str = "dim") -> int:
     if ndim == 0:
-        raise ParallelCtxError(f"{what}={dim}: cannot split or gather a 0-dimensional tensor")
+        raise ParallelCtxError(f"{what}={dim}: cannot split or gather a 0-dimensional tensor, which has no "
+                               f"dimension to cut. Fix: reshape it to 1 element first (x.reshape(1))")
     if not -ndim <= dim < ndim:
-        raise IndexError(f"{what}={dim} is out of range for a tensor with {ndim} dimensions")
+        raise IndexError(f"{what}={dim} is out of range for a tensor with {ndim} dimensions; "
+                         f"use a dim in [{-ndim}, {ndim - 1}]")
     return dim % ndim
 
 
@@ -78,7 +80,8 @@ def check_sizes(sizes: Sequence[int], g: GroupInfo, what: str) -> list[int]:
     if len(sizes) != g.size or any(s < 0 for s in sizes):
         raise ParallelCtxError(
             f"{what}={sizes} must list one non-negative size per rank of the {g.mode!r} group "
-            f"(group size {g.size})"
+            f"(group size {g.size}, so {g.size} entries >= 0), and be the same list on every rank. Fix: pass "
+            f"{g.size} sizes in rank order (each rank's piece along the dim), or None to split evenly / exchange them"
         )
     return sizes
 
@@ -101,7 +104,8 @@ def all_gather(x: torch.Tensor, dim: int, sizes: Sequence[int], g: GroupInfo) ->
     if x.shape[dim] != sizes[g.rank]:
         raise ParallelCtxError(
             f"gather along dim {dim}: this rank ({g.rank} of {g.size} in {g.mode!r}) holds size "
-            f"{x.shape[dim]} but the expected piece sizes are {list(sizes)}"
+            f"{x.shape[dim]} but the expected piece sizes are {list(sizes)}; entry {g.rank} must equal this "
+            f"rank's size along dim {dim}. Fix: pass every rank's real size in rank order, or sizes=None to exchange them"
         )
     x = x.contiguous()
     size = max(sizes)
@@ -126,7 +130,8 @@ def reduce_scatter(x: torch.Tensor, dim: int, sizes: Sequence[int], g: GroupInfo
     if sum(sizes) != x.shape[dim]:
         raise ParallelCtxError(
             f"reduce-scatter along dim {dim}: size {x.shape[dim]} does not match the piece sizes "
-            f"{list(sizes)} of the {g.mode!r} group (group size {g.size})"
+            f"{list(sizes)} of the {g.mode!r} group (group size {g.size}); the pieces must add up to the "
+            f"input's size along dim {dim}. Fix: pass sizes summing to {x.shape[dim]}, or None to split evenly"
         )
     size = max(sizes)
     chunk_shape = _with_size(x.shape, dim, size)
@@ -152,7 +157,9 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, scatter_sizes
         raise ParallelCtxError(
             f"all-to-all: input shape {tuple(x.shape)} does not fit scatter_dim={scatter_dim} sizes "
             f"{list(scatter_sizes)} / gather_dim={gather_dim} sizes {list(gather_sizes)} of the "
-            f"{g.mode!r} group (group size {g.size}, this rank {g.rank})"
+            f"{g.mode!r} group (group size {g.size}, this rank {g.rank}): the scatter sizes must add up to the "
+            f"input's size along scatter_dim, and gather size {g.rank} must be this rank's size along gather_dim. "
+            f"Fix: pass sizes that match the input (or None to split evenly / exchange them)"
         )
     c = scatter_sizes[0]
     if all(s == c for s in scatter_sizes) and all(s == gather_sizes[0] for s in gather_sizes):

@@ -217,7 +217,11 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, mode: "Parall
     scatter_dim = normalize_dim(scatter_dim, x.dim(), "scatter_dim")
     gather_dim = normalize_dim(gather_dim, x.dim(), "gather_dim")
     if scatter_dim == gather_dim:
-        raise ParallelCtxError(f"all_to_all needs scatter_dim != gather_dim (both are {scatter_dim})")
+        raise ParallelCtxError(
+            f"all_to_all needs scatter_dim != gather_dim (both are {scatter_dim}): it splits one dimension "
+            f"over the ranks and concatenates the received pieces along another. Fix: pass two different "
+            f"dims (e.g. scatter_dim=heads, gather_dim=sequence); to split or join along one dim use scatter/gather"
+        )
     if g.size == 1:
         return x
     if scatter_sizes is None or isinstance(scatter_sizes, int):

@@ -390,7 +390,12 @@ class ParallelCtxStrategy(ParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """A directory of per-shard files (see :mod:`.checkpoint`); every rank must call it."""
         if storage_options is not None:
-            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint got storage_options={storage_options!r}, but it writes a "
+                f"directory of per-shard files with torch.save and has no storage backend to pass them to. "
+                f"Fix: call trainer.save_checkpoint(path) without storage_options (write to a local or mounted "
+                f"path and copy the directory afterwards)"
+            )
         path = self.broadcast(str(filepath))
         assert self.lightning_module is not None
         _ckpt.save_sharded_checkpoint(checkpoint, path, self.lightning_module, self.parallel_context)

@@ -26,9 +26,10 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ign
     """Cross-entropy of ``logits`` (..., vocab/n), this rank's vocabulary slice, and ``target``
     (...,) global class ids. ``reduction``: 'mean' (over non-ignored tokens), 'sum' or 'none'."""
     if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction={reduction!r}; use 'mean', 'sum' or 'none'")
+        raise ValueError(f"reduction={reduction!r} is not a reduction; use 'mean', 'sum' or 'none'")
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1]")
+        raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1] (the share of the target's "
+                         f"probability spread over the vocabulary); use e.g. 0.0 (none) or 0.1")
     g = group_info(mode, context)
     local_vocab = logits.shape[-1]
     vocab = local_vocab * g.size
@@ -38,10 +39,21 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ign
     z = z.reshape(-1, local_vocab)
     t = target.reshape(-1)
     if t.shape[0] != z.shape[0]:
-        raise ParallelCtxError(f"target has {t.shape[0]} entries for {z.shape[0]} rows of logits")
+        raise ParallelCtxError(
+            f"target has {t.shape[0]} entries for {z.shape[0]} rows of logits (logits {tuple(logits.shape)}, "
+            f"target {tuple(target.shape)}); there must be one class id per row, i.e. target.shape == "
+            f"logits.shape[:-1]. Fix: pass the target of the same batch/sequence slice as the logits (with sequence "
+            f"parallelism, this rank's slice of the target too)"
+        )
     valid = t != ignore_index
     if bool(((t < 0) | (t >= vocab))[valid].any()):
-        raise ParallelCtxError(f"target ids must be in [0, {vocab}) (or ignore_index={ignore_index})")
+        bad = t[valid & ((t < 0) | (t >= vocab))]
+        shown = ", ".join(map(str, torch.unique(bad).tolist()[:8]))
+        raise ParallelCtxError(
+            f"target holds id(s) {shown} outside [0, {vocab}): the full vocabulary is {local_vocab} ids per rank x "
+            f"{g.size} ranks of {g.mode!r} = {vocab}, and every target id must be in it or equal ignore_index="
+            f"{ignore_index}. Fix: build the head with the data's vocab_size, or mark padding with ignore_index"
+        )
 
     with torch.no_grad():  # the shift cancels exactly in the loss: no gradient flows through it
         shift = z.max(dim=-1).values
