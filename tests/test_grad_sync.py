@@ -594,20 +594,55 @@ def test_single_process_hook_is_a_no_op_and_options_are_checked() -> None:
         DataParallelGradientHook(model, None, bucket_cap_mb=0)
 
 
-def test_handler_specs_validate_in_lightning_cli_yaml() -> None:
-    """A strategy argument typed ``GradientHandler`` accepts class_path/init_args YAML."""
-    from jsonargparse import ArgumentParser
+def test_strategy_gradient_handler_validates_in_lightning_cli_yaml() -> None:
+    """``ParallelCtxStrategy(gradient_handler: str | GradientHandler)``, parsed as LightningCLI parses
+    ``trainer.strategy`` (a ``Strategy`` subclass named by class_path): a handler's class_path/init_args
+    are checked against the handler's signature and built into an instance the strategy keeps as a
+    template; a bad init_arg is rejected at parse time; names and plain dicts still work."""
+    import pickle
 
-    parser = ArgumentParser()
-    parser.add_argument("--handler", type=GradientHandler)
-    cfg = parser.parse_string(
-        "handler:\n  class_path: lightning_parallelctx.grad_sync.BucketedGradientHandler\n"
-        "  init_args:\n    bucket_cap_mb: 8\n    compress: bf16\n"
-    )
+    from jsonargparse import ArgumentError, ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    from lightning_parallelctx import ParallelCtxStrategy
+    from lightning_parallelctx.lightning._grad_sync import make_gradient_handler
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--strategy", type=Strategy)  # as Trainer(strategy=...) is seen by LightningCLI
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    handler = instantiate(cfg).handler
-    assert type(handler) is BucketedGradientHandler
-    assert handler.bucket_cap_mb == 8 and handler.compress == "bf16"
-    with pytest.raises(SystemExit):  # jsonargparse reports a bad type and exits
-        parser.parse_string("handler:\n  class_path: lightning_parallelctx.grad_sync.BucketedGradientHandler\n"
-                            "  init_args:\n    bucket_cap_mb: lots\n")
+
+    def strategy_from_yaml(handler_yaml: str) -> ParallelCtxStrategy:
+        cfg = parser.parse_string("strategy:\n  class_path: lightning_parallelctx.ParallelCtxStrategy\n"
+                                  "  init_args:\n    tensor_parallel_size: 2\n" + handler_yaml)
+        return instantiate(cfg).strategy
+
+    strategy = strategy_from_yaml(
+        "    gradient_handler:\n      class_path: lightning_parallelctx.grad_sync.BucketedGradientHandler\n"
+        "      init_args:\n        bucket_cap_mb: 8\n        compress: bf16\n")
+    assert type(strategy) is ParallelCtxStrategy
+    template = strategy._gradient_handler_spec
+    assert type(template) is BucketedGradientHandler
+    assert template.bucket_cap_mb == 8 and template.compress == "bf16"
+    # Each fit gets its own copy of the template (a handler holds hooks on one module).
+    first, second = make_gradient_handler(template), make_gradient_handler(template)
+    assert first is not template and second is not first
+    assert type(first) is BucketedGradientHandler and (first.bucket_cap_mb, first.compress) == (8, "bf16")
+    restored = pickle.loads(pickle.dumps(strategy._gradient_handler_spec))  # plain, picklable config
+    assert (restored.bucket_cap_mb, restored.compress) == (8, "bf16")
+
+    # A bad init_arg fails while parsing, naming the argument (jsonargparse checks the signature).
+    with pytest.raises(ArgumentError, match=r"bucket_cap_mb[\s\S]*lots") as bad:
+        strategy_from_yaml("    gradient_handler:\n      class_path: lightning_parallelctx.grad_sync.BucketedGradientHandler\n"
+                           "      init_args:\n        bucket_cap_mb: lots\n")
+    assert "gradient_handler" in str(bad.value)
+    with pytest.raises(ArgumentError, match="no_such_option"):  # an argument the handler does not take
+        strategy_from_yaml("    gradient_handler:\n      class_path: lightning_parallelctx.grad_sync.DDPGradientHandler\n"
+                           "      init_args:\n        no_such_option: 1\n")
+    # A class that is not a GradientHandler.
+    with pytest.raises(ArgumentError, match="gradient_handler[\\s\\S]*torch.nn.Linear"):
+        strategy_from_yaml("    gradient_handler:\n      class_path: torch.nn.Linear\n")
+    # A registered name stays a string; from Python a class_path dict and an instance still work.
+    assert strategy_from_yaml("    gradient_handler: ddp\n")._gradient_handler_spec == "ddp"
+    spec = {"class_path": "lightning_parallelctx.grad_sync.DDPGradientHandler", "init_args": {"bucket_cap_mb": 4}}
+    assert type(make_gradient_handler(ParallelCtxStrategy(gradient_handler=spec)._gradient_handler_spec)) is DDPGradientHandler
+    ParallelCtxStrategy(gradient_handler=BucketedGradientHandler(bucket_cap_mb=2))

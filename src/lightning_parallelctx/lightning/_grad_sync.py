@@ -6,6 +6,7 @@ The strategy only ever calls :func:`make_gradient_handler` and the handler API o
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,5 +30,9 @@ def check_gradient_handler_spec(spec: Any) -> None:
 
 
 def make_gradient_handler(spec: Any) -> GradientHandler:
-    """A fresh handler per ``fit`` (a handler holds hooks on one module)."""
+    """A fresh handler per ``fit`` (a handler holds hooks on one module). An instance (what
+    LightningCLI builds from ``class_path``/``init_args``) is a template: each call copies it, so a
+    second ``fit`` never reuses a handler still attached to the previous one's module."""
+    if isinstance(spec, GradientHandler):
+        return copy.deepcopy(spec)
     return get_gradient_handler(spec)

@@ -48,7 +48,7 @@ from ..initializers import mode_groups_for, resolve_initializer
 from ..layout import RankLayout
 from ..mode import ParallelMode
 from . import checkpoint as _ckpt
-from ._grad_sync import check_gradient_handler_spec, make_gradient_handler
+from ._grad_sync import GradientHandler, check_gradient_handler_spec, make_gradient_handler
 from .environment import LAUNCHERS, ParallelCtxEnvironment
 from .grad_norm import clip_grad_norm_
 
@@ -86,7 +86,11 @@ class ParallelCtxStrategy(ParallelStrategy):
             then works in the LightningModule. Modes registered with ``@register_mode`` are added anyway.
         print_layout: global rank 0 prints the table of process groups when the context is built.
         gradient_handler: how gradients are synchronised: ``"bucketed"`` (default), ``"ddp"``,
-            ``"allreduce"``, or ``{"class_path": ..., "init_args": {...}}``.
+            ``"allreduce"`` (or a dotted class path), or a :class:`GradientHandler`. Typed
+            ``str | GradientHandler``, so in LightningCLI YAML ``{class_path: ..., init_args: {...}}``
+            names a subclass and jsonargparse checks its ``init_args`` against the subclass's
+            signature before building it. From Python, such a mapping is accepted too. A handler
+            instance is a template: each ``fit`` trains with a fresh copy of it.
         launcher: ``"auto"`` (detect), ``"local"`` or a launcher name; see :class:`ParallelCtxEnvironment`.
         sync_initial_weights: at the start of ``fit``, copy the first replica's parameters to the other
             replicas of the same shard (as DDP does, but never across shards).
@@ -107,7 +111,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         order: str | None = None,
         modes: list[str | dict[str, Any]] | None = None,
         print_layout: bool = True,
-        gradient_handler: str | dict[str, Any] = "bucketed",
+        gradient_handler: str | GradientHandler = "bucketed",
         launcher: Literal["auto", "local", "torchrun", "slurm", "openmpi", "mpich", "mvapich2"] = "auto",
         sync_initial_weights: bool = True,
         process_group_backend: Literal["gloo", "nccl", "mpi"] | None = None,
