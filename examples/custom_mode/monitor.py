@@ -10,7 +10,6 @@ import sys
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 import torch.distributed as dist
 
 

@@ -20,7 +20,7 @@ from .errors import LauncherError, ModeNotFoundError, ParallelConfigError, Paral
 from .initializers import InitializerSpec, ModeGroups, mode_groups_for
 from .launchers import LaunchInfo, read_launch
 from .layout import RankLayout
-from .mode import AXES, SHORT_NAMES, ParallelMode, mode_name
+from .mode import SHORT_NAMES, ParallelMode, mode_name
 from .process_groups import GroupFactory
 from .rendezvous import as_timedelta, init_world
 
