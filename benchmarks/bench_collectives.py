@@ -16,18 +16,10 @@ over ranks, medians; ratios are within one run.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
-
-
-def _reexec_with_malloc_env() -> None:
-    if all(os.environ.get(k) == v for k, v in _MALLOC.items()):
-        return
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+from _bench import pin_to_core, reexec_with_malloc_env  # benchmarks/_bench.py
 
 
 def _cases(torch, dist, D, group, n: int, rows: int, cols: int):
@@ -111,8 +103,7 @@ BASELINE_NAMES = ["raw", "raw (best by hand)"]
 
 
 def _worker(rank: int, world_size: int, args: dict) -> dict:
-    cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpus[rank % len(cpus)]})
+    pin_to_core(rank)  # before the process group: gloo threads inherit it
     import warnings
 
     import torch
@@ -161,7 +152,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=8, help="size of the full tensor, large case")
     parser.add_argument("--small-kib", type=int, default=64, help="size of the full tensor, small case")
     args = parser.parse_args()
-    _reexec_with_malloc_env()
+    reexec_with_malloc_env()
     from lightning_parallelctx.testing import spawn
 
     started = time.perf_counter()

@@ -13,19 +13,10 @@ rank's main thread pinned to its own core, one torch thread, glibc MALLOC_* thre
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
-
-
-def _reexec_with_malloc_env() -> None:
-    # glibc reads these at process start: set them and restart, so every process we start has them.
-    if all(os.environ.get(k) == v for k, v in _MALLOC.items()):
-        return
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+from _bench import pin_to_core, reexec_with_malloc_env  # benchmarks/_bench.py
 
 
 def _build(torch, kind: str, impl: str, d: int, heads: int, ctx):
@@ -69,8 +60,7 @@ def _build(torch, kind: str, impl: str, d: int, heads: int, ctx):
 
 
 def _worker(rank: int, world_size: int, args: dict) -> dict:
-    cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpus[rank % len(cpus)]})  # before the process group: gloo threads inherit it
+    pin_to_core(rank)  # before the process group: gloo threads inherit it
     import torch
     import torch.distributed as dist
 
@@ -131,7 +121,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512, help="batch * sequence")
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
-    _reexec_with_malloc_env()
+    reexec_with_malloc_env()
     from lightning_parallelctx.testing import spawn
 
     started = time.perf_counter()

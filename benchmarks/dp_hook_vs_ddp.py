@@ -18,19 +18,9 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
-
-
-def _reexec_with_malloc_env() -> None:
-    # glibc reads these at process start: set them, then restart so this process and every
-    # process it starts run with them.
-    if all(os.environ.get(k) == v for k, v in _MALLOC.items()):
-        return
-    env = {**os.environ, **_MALLOC}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+from _bench import pin_to_core, reexec_with_malloc_env  # benchmarks/_bench.py
 
 
 def _model(torch):
@@ -51,8 +41,7 @@ def _parse_hook_variant(spec: str) -> tuple[str, dict]:
 
 
 def _worker(rank: int, world_size: int, args: dict) -> dict:
-    cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpus[rank % len(cpus)]})  # before the process group: gloo threads inherit it
+    cpu = pin_to_core(rank)  # before the process group: gloo threads inherit it
     import torch
     import torch.distributed as dist
 
@@ -129,7 +118,7 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
     result = {"names": names, "times": rows[: len(names)], "bw_buckets": rows[-2], "bw_raw": rows[-1],
               "bytes": total * buffers[0].element_size(), "n_buckets": len(buffers),
               "buckets_mb": [round(b.numel() * b.element_size() / 2**20, 2) for b in buffers],
-              "cpu": cpus[rank % len(cpus)]}
+              "cpu": cpu}
     ctx.destroy()
     return result
 
@@ -145,7 +134,7 @@ def main() -> None:
                              "the first one's buckets are used for the bandwidth figure")
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args()
-    _reexec_with_malloc_env()
+    reexec_with_malloc_env()
 
     from lightning_parallelctx.testing import spawn
 
