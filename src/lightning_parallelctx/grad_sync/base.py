@@ -25,7 +25,28 @@ __all__ = [
 DEFAULT_GRADIENT_HANDLER = "bucketed"
 
 
-class GradientHandler(ABC):
+class SyncSwitch:
+    """The ``no_sync()`` switch that the handlers and the hook share."""
+
+    _require_sync = True  # a class default: subclasses need not call an __init__ for it
+
+    @property
+    def require_sync(self) -> bool:
+        """False inside :meth:`no_sync`."""
+        return self._require_sync
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """No communication for backward passes run inside; gradients accumulate locally."""
+        previous = self._require_sync
+        self._require_sync = False
+        try:
+            yield
+        finally:
+            self._require_sync = previous
+
+
+class GradientHandler(SyncSwitch, ABC):
     """How a module's gradients are synchronised across the ranks that hold replicas of it.
 
     Subclass it, implement :meth:`setup` and :meth:`finish`, and register the class with
@@ -40,9 +61,6 @@ class GradientHandler(ABC):
     - ``handler.remove()`` to detach from the module.
     """
 
-    def __init__(self) -> None:
-        self._require_sync = True
-
     @abstractmethod
     def setup(self, module: torch.nn.Module, ctx: ParallelContext | None) -> torch.nn.Module:
         """Attach to ``module``; return the module to train."""
@@ -51,20 +69,6 @@ class GradientHandler(ABC):
     def finish(self) -> None:
         """Wait until every gradient of the last synchronising backward is reduced."""
 
-    @property
-    def require_sync(self) -> bool:
-        """False inside :meth:`no_sync`."""
-        return getattr(self, "_require_sync", True)
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """No communication for backward passes run inside; gradients accumulate locally."""
-        previous = self.require_sync
-        self._require_sync = False
-        try:
-            yield
-        finally:
-            self._require_sync = previous
 
     def remove(self) -> None:
         """Detach from the module (remove hooks). Safe to call twice."""

@@ -28,10 +28,10 @@ class ReductionPlan:
     replicas alone would weigh it ``expert_parallel_size`` times too much; Megatron-core scales
     expert gradients by 1 / data-parallel size for the same reason.
 
-    ``None`` stands for a group of one rank (nothing to do); an expert parameter whose replica
-    group is one rank while the divisor is not 1 gets that one-rank group instead, so that the
-    handlers still apply the scaling. The ranks tuples make the plan
-    comparable: parameters of different kinds with the same ranks share buckets.
+    ``None`` stands for a group of one rank (nothing to communicate). A plan can still have work
+    without communication: an expert parameter with no replica (tp2-ep2, ep4) is only scaled by
+    1 / divisor. The ranks tuples make the plan comparable: parameters of different kinds with the
+    same ranks share buckets.
     """
 
     replica_ranks: tuple[int, ...]
@@ -41,12 +41,9 @@ class ReductionPlan:
     divisor: int
 
     @property
-    def replica_size(self) -> int:
-        return len(self.replica_ranks)
-
-    @property
-    def communicates(self) -> bool:
-        return self.replica is not None or self.tensor is not None
+    def active(self) -> bool:
+        """Whether the handlers have anything to do: communicate, or at least scale."""
+        return self.replica is not None or self.tensor is not None or self.divisor != 1
 
     @property
     def key(self) -> tuple:
@@ -92,10 +89,7 @@ class GroupResolver:
         replica_ranks = tuple(self.ctx.get_ranks_in_group(replica_mode))
         tensor_ranks = tuple(self.ctx.get_ranks_in_group("tensor")) if seq else (self.ctx.get_global_rank(),)
         divisor = self.ctx.get_world_size("dense_replica")
-        # get_group makes size-1 groups on demand: never ask for one we would not use. One use: an
-        # expert parameter without replicas (expert_replica of one rank, e.g. tp2-ep2 or ep4) still
-        # needs its 1/divisor scaling, and the handlers scale only the parameters they reduce (a
-        # plan that does not communicate is skipped), so it is "reduced" over its one-rank group.
-        replica = self.ctx.get_group(replica_mode) if len(replica_ranks) > 1 or divisor != 1 else None
+        # get_group makes size-1 groups on demand: never ask for one we would not use.
+        replica = self.ctx.get_group(replica_mode) if len(replica_ranks) > 1 else None
         tensor = self.ctx.get_group("tensor") if len(tensor_ranks) > 1 else None
         return ReductionPlan(replica_ranks, tensor_ranks, replica, tensor, divisor)

@@ -152,7 +152,7 @@ class FlatAllReduceGradientHandler(GradientHandler):
             if not p.requires_grad:
                 continue
             plan = resolver.plan(p, name)
-            if plan.communicates:
+            if plan.active:
                 groups.setdefault((p.device, p.dtype, plan.key), (plan, []))[1].append(p)
                 # Only to know whether a backward ran since the last finish.
                 self._handles.append(p.register_post_accumulate_grad_hook(self._mark))

@@ -22,15 +22,14 @@ Design notes (why it is shaped like this):
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from .base import as_dtype
+from .base import SyncSwitch, as_dtype
 from .groups import GroupResolver, ReductionPlan
 
 if TYPE_CHECKING:
@@ -98,7 +97,7 @@ class _Bucket:
         return self.plan.tensor is not None and self.plan.replica is not None
 
 
-class DataParallelGradientHook:
+class DataParallelGradientHook(SyncSwitch):
     """Synchronise a module's gradients over exactly the ranks holding replicas of each parameter.
 
     Usable with or without Lightning::
@@ -114,7 +113,7 @@ class DataParallelGradientHook:
     Dense parameters are averaged over ``dense_replica`` (DATA x SEQUENCE x EXPERT), expert ones
     (``markers.is_expert``) over ``expert_replica`` (DATA x SEQUENCE); sequence-parallel-marked
     ones (``markers.is_sequence_parallel``) are first summed over ``tensor``. Parameters with
-    ``requires_grad=False`` and parameters whose groups are all size 1 are left alone.
+    ``requires_grad=False`` and parameters with nothing to reduce or scale are left alone.
 
     Unused parameters follow DDP's ``find_unused_parameters=True``: a parameter that got no
     gradient on any rank keeps its ``.grad`` (None after ``zero_grad(set_to_none=True)``); one
@@ -139,7 +138,6 @@ class DataParallelGradientHook:
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.first_bucket_cap_mb = first_bucket_cap_mb
         self.ctx = ctx
-        self._require_sync = True
         self._window = False  # some gradient arrived since the last finish
         self._sync_started = False  # a synchronising backward has absorbed gradients
         self._next = 0  # index of the next bucket to launch
@@ -175,7 +173,7 @@ class DataParallelGradientHook:
         first = True
         for position, (name, p) in enumerate(order):
             plan = resolver.plan(p, name)
-            if not plan.communicates:
+            if not plan.active:
                 continue
             if p.is_sparse:
                 raise TypeError(f"parameter {name!r} has a sparse gradient layout; the bucketed hook handles dense "
@@ -314,24 +312,12 @@ class DataParallelGradientHook:
                 torch.mul(bucket.grads, bucket.scale, out=bucket.comm_grads)
         plan = bucket.plan
         # Sum over TENSOR first (sequence-parallel params); the replica average follows in finish().
+        # A bucket with no group (an expert without replicas) was only to be scaled, which is done.
         group = plan.tensor if plan.tensor is not None else plan.replica
-        bucket.work = dist.all_reduce(bucket.comm, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        if group is not None:
+            bucket.work = dist.all_reduce(bucket.comm, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
     # ------------------------------------------------------------------ public API
-    @property
-    def require_sync(self) -> bool:
-        return self._require_sync
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Backward passes inside accumulate locally, with no communication."""
-        previous = self._require_sync
-        self._require_sync = False
-        try:
-            yield
-        finally:
-            self._require_sync = previous
-
     def finish(self) -> None:
         """Launch the buckets not launched yet (unused parameters contribute zeros), wait for all,
         and leave every reduced ``.grad`` averaged. No-op inside ``no_sync()``, when no gradient
@@ -350,7 +336,8 @@ class DataParallelGradientHook:
                 bucket.work = dist.all_reduce(bucket.comm, op=dist.ReduceOp.SUM, group=bucket.plan.replica,
                                               async_op=True)
         for bucket in buckets:
-            bucket.work.wait()
+            if bucket.work is not None:
+                bucket.work.wait()
             bucket.work = None
             if bucket.comm is not bucket.buffer:
                 bucket.grads.copy_(bucket.comm_grads)
