@@ -33,28 +33,30 @@ def slurm_env() -> dict[str, str]:
     return {**os.environ, "SLURM_CONF": f"{directory}/slurm.conf"}
 
 
-def run_sbatch(env: dict[str, str], script: str, workdir: Path, timeout: float = 240) -> str:
-    """Submit ``script`` (a full sbatch file), wait for it by polling, return its output file's text."""
-    path = workdir / "job.sbatch"
-    path.write_text(script)
-    out = subprocess.run(["sbatch", "--parsable", "-o", str(workdir / "slurm-%j.out"), str(path)],
-                         env=env, capture_output=True, text=True, timeout=60, cwd=workdir)
+def sbatch_and_wait(args: list[str], env: dict[str, str], output: Path, timeout: float = 240,
+                    cwd: Path | None = None) -> str:
+    """Submit ``sbatch args``, poll squeue twice a second (``sbatch --wait`` polls far less often),
+    return the job's output; a job still running at ``timeout`` is cancelled and fails the test."""
+    out = subprocess.run(["sbatch", "--parsable", f"--output={output}", *args], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=cwd)
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        q = subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True, timeout=30)
-        if not q.stdout.strip():
-            break
+    while subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True,
+                         timeout=30).stdout.strip():
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job], env=env, timeout=30)
+            raise AssertionError(f"Slurm job {job} still running after {timeout} s (cancelled):\n"
+                                 + (output.read_text(errors="replace") if output.exists() else ""))
         time.sleep(0.5)
-    else:
-        subprocess.run(["scancel", job], env=env, timeout=30)
-        raise AssertionError(f"Slurm job {job} still running after {timeout} s; cancelled it. Output so far:\n"
-                             + (workdir / f"slurm-{job}.out").read_text(errors="replace"))
-    state = subprocess.run(["sacct", "-n", "-X", "-j", job, "-o", "State"], env=env, capture_output=True, text=True,
-                           timeout=30)
-    text = (workdir / f"slurm-{job}.out").read_text(errors="replace")
-    return text + (f"\n[sacct state: {state.stdout.strip()}]" if state.returncode == 0 else "")
+    return output.read_text(errors="replace") if output.exists() else ""
+
+
+def run_sbatch(env: dict[str, str], script: str, workdir: Path, timeout: float = 240) -> str:
+    """Submit ``script`` (a whole sbatch file) from ``workdir`` and return its output."""
+    path = workdir / "job.sbatch"
+    path.write_text(script)
+    return sbatch_and_wait([str(path)], env, workdir / "job.out", timeout, cwd=workdir)
 
 
 @pytest.fixture(scope="session")

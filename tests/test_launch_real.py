@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import sbatch_and_wait
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/cpu-tp2-dp2.yaml"
@@ -61,30 +61,6 @@ def final_loss(text: str) -> str:
     assert len(found) == 1, f"expected one 'final loss' line, got {found}:\n{text[-4000:]}"
     assert text.count(STARTED_4) == 1 and "Starting with 1 processes" not in text, text[-4000:]
     return found[0]
-
-
-def sbatch(args: list[str], env: dict[str, str], output: Path, timeout: float = SBATCH_TIMEOUT) -> str:
-    """Submit, poll squeue twice a second (`sbatch --wait` polls far less often), return the output."""
-    import time
-
-    out = run(["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={output}", *args], timeout=60, env=env)
-    assert out.returncode == 0, out.stderr
-    job = out.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + timeout
-    while run(["squeue", "-h", "-j", job], timeout=30, env=env).stdout.strip():
-        if time.monotonic() > deadline:
-            run(["scancel", job], timeout=30, env=env)
-            raise AssertionError(f"Slurm job {job} still running after {timeout} s (cancelled):\n"
-                                 + (output.read_text(errors="replace") if output.exists() else ""))
-        time.sleep(0.5)
-    return output.read_text(errors="replace") if output.exists() else ""
-
-
-def require(binary: str) -> None:
-    if shutil.which(binary) is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{binary} is missing but CI must run the real-launcher tests (scripts/test.sh installs it)")
-        pytest.skip(f"{binary} not installed (scripts/test.sh installs it)")
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +128,9 @@ def test_mpirun_without_mpi4py(strategy_launched_loss: str, mpirun: list[str]) -
 
 @pytest.mark.timeout(SBATCH_FIXTURE_TEST_TIMEOUT)
 def test_sbatch_example_script(strategy_launched_loss: str, slurm_env: dict[str, str], tmp_path: Path) -> None:
-    require("sbatch")
     env = clean_env({"SLURM_CONF": slurm_env["SLURM_CONF"]})
-    text = sbatch(["examples/slurm/gpt.sbatch", *QUICK], env, tmp_path / "job.out")
+    text = sbatch_and_wait([f"--chdir={ROOT}", "examples/slurm/gpt.sbatch", *QUICK], env, tmp_path / "job.out",
+                           SBATCH_TIMEOUT)
     assert "Traceback" not in text, text[-6000:]
     assert final_loss(text) == strategy_launched_loss
 
@@ -177,7 +153,6 @@ def test_mpirun_with_fewer_processes_than_devices_is_a_clear_error(mpirun: list[
 def test_slurm_traps(slurm_env: dict[str, str], tmp_path: Path) -> None:
     """In one job: the batch script itself is not a task of a distributed run (launches locally);
     an srun step named 'interactive' is a clear error; so is --ntasks-per-node != devices."""
-    require("sbatch")
     script = tmp_path / "traps.sbatch"
     script.write_text(f"""#!/bin/bash
 #SBATCH --job-name=pctx-traps
@@ -190,7 +165,7 @@ srun --job-name=interactive {sys.executable} {' '.join(FIT)} --trainer.devices=2
 srun {sys.executable} {' '.join(FIT)} && echo "mismatch: ran" || echo "mismatch: failed"
 """)
     env = clean_env({"SLURM_CONF": slurm_env["SLURM_CONF"]})
-    text = sbatch([str(script)], env, tmp_path / "traps.out")
+    text = sbatch_and_wait([f"--chdir={ROOT}", str(script)], env, tmp_path / "traps.out", SBATCH_TIMEOUT)
     assert "batch script: local" in text, text[-6000:]
     assert "interactive: failed" in text and "srun step of 2 tasks in a Slurm job named 'interactive'" in text, text[-6000:]
     assert "mismatch: failed" in text, text[-6000:]
