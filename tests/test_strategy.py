@@ -50,21 +50,6 @@ LAYOUTS: dict[str, tuple[dict[str, int], int, float | None]] = {
 
 
 # ------------------------------------------------------------------------------ run in children
-def _pack(obj: Any) -> bytes:
-    # Tensors put on a multiprocessing queue travel as shared-memory handles that die with the
-    # child; plain bytes do not.
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _unpack(data: bytes) -> Any:
-    import io
-
-    return torch.load(io.BytesIO(data), weights_only=False)
-
 
 def _recorder(out: dict[str, Any]) -> Any:
     import lightning.pytorch as pl
@@ -138,7 +123,7 @@ def _reference(rank: int, world_size: int) -> dict[str, Any]:
         rec["val"] = trainer.validate(model, _data(), verbose=False)[0]["val_loss"]
         rec["predictions"] = torch.cat(trainer.predict(model, dataloaders=_data_loader("val")))
         results[name] = rec
-    return _pack(results)
+    return results
 
 
 def _parallel(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
@@ -246,19 +231,19 @@ def _parallel(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     t3.validate(model3, _data(), ckpt_path=f"{tmp}/full10.ckpt", verbose=False)
     full3 = gather_full_state_dict(model3, model3.parallel_context)
     res["resharded_tp4"] = full3 if rank == 0 else None
-    return _pack(res)
+    return res
 
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def reference() -> dict[str, Any]:
-    return _unpack(spawn(_reference, 1, timeout=400)[0])
+    return spawn(_reference, 1, timeout=400)[0]
 
 
 @pytest.fixture(scope="module")
 def parallel(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("strategy")
-    return [_unpack(r) for r in spawn(_parallel, 4, str(tmp), timeout=900)]
+    return spawn(_parallel, 4, str(tmp), timeout=900)
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

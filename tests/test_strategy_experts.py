@@ -39,10 +39,8 @@ from test_strategy import (  # helpers only: an imported test_* name would be co
     TOL,
     _max_diff,
     _model_class,
-    _pack,
     _recorder,
     _trainer,
-    _unpack,
 )
 
 from lightning_parallelctx.testing import spawn
@@ -107,7 +105,7 @@ def _reference(rank: int, world_size: int) -> bytes:
     trainer = _trainer(ParallelCtxStrategy(), callbacks=[_recorder(rec), _routing_recorder(rec)], devices=1)
     trainer.fit(model, _data())
     rec["final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return _pack(rec)
+    return rec
 
 
 def _parallel(rank: int, world_size: int, tmp: str) -> bytes:
@@ -161,19 +159,19 @@ def _parallel(rank: int, world_size: int, tmp: str) -> bytes:
     t3.validate(model3, _data(), ckpt_path=f"{tmp}/full10.ckpt", verbose=False)
     res["ep4_experts_per_rank"] = model3.gpt.blocks[0].moe.w1.shape[0]
     res["resharded_ep4"] = gather_full_state_dict(model3, model3.parallel_context)
-    return _pack(res)
+    return res
 
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def reference() -> dict[str, Any]:
-    return _unpack(spawn(_reference, 1, timeout=300)[0])
+    return spawn(_reference, 1, timeout=300)[0]
 
 
 @pytest.fixture(scope="module")
 def parallel(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("strategy_experts")
-    return [_unpack(r) for r in spawn(_parallel, 4, str(tmp), timeout=600)]
+    return spawn(_parallel, 4, str(tmp), timeout=600)
 
 
 # ------------------------------------------------------------------------------ tests

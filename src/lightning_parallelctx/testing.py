@@ -59,7 +59,7 @@ def _child(fn: Callable, rank: int, world_size: int, env: Mapping[str, str], arg
 
     torch.set_num_threads(1)
     try:
-        out.put(("ok", rank, fn(rank, world_size, *args)))
+        out.put(("ok", rank, _to_bytes(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         out.put(("error", rank, traceback.format_exc()))
     finally:
@@ -72,6 +72,26 @@ def _child(fn: Callable, rank: int, world_size: int, env: Mapping[str, str], arg
                 dist.destroy_process_group()
             except Exception as err:  # noqa: BLE001
                 print(f"rank {rank}: destroy_process_group failed during teardown: {err}", file=sys.stderr)
+
+
+def _to_bytes(obj: Any) -> bytes:
+    # A tensor put on a multiprocessing queue travels as a shared-memory handle that dies with the
+    # child (the parent then reads "connection reset"); torch.save'd bytes do not.
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 _CTX = None
@@ -88,7 +108,8 @@ def _context() -> Any:
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
           env: EnvFn = torchrun_env, extra_env: Mapping[str, str] | None = None,
           ranks_to_start: "list[int] | None" = None) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return results by rank.
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return results by rank
+    (anything ``torch.save`` can write, tensors included).
 
     ``ranks_to_start`` starts only some ranks (to test a rank that never arrives).
     """
@@ -127,7 +148,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
         raise RankFailure(errors, f"{len(errors)} rank(s) failed{f', {missing} hung' if missing else ''}:\n{detail}")
     if missing:
         raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f} s (a hang); killed them")
-    return [results[r] for r in sorted(results)]
+    return [_from_bytes(results[r]) for r in sorted(results)]
 
 
 class RankFailure(RuntimeError):
