@@ -39,6 +39,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim import Optimizer
 
 from ..context import ParallelContext, _live_context
@@ -192,9 +193,7 @@ class ParallelCtxStrategy(ParallelStrategy):
             return self._context
         sizes = self._layout_sizes()
         layout = RankLayout.build(dist.get_world_size(), **sizes, order=self._order)
-        ctx = _live_context(dict(layout.sizes), layout.order)
-        if ctx is not None and not all(ctx.has_mode(resolve_initializer(m).name) for m in self._modes):
-            ctx = None  # a live context of the same layout but without the modes asked for here
+        ctx = _live_context(dict(layout.sizes), layout.order, tuple(resolve_initializer(m).name for m in self._modes))
         if ctx is None:
             # The default group exists (Lightning made it, or the launcher's user did): the context
             # reuses it and creates only the sub-groups. The env tells it this process's node-local
@@ -325,8 +324,15 @@ class ParallelCtxStrategy(ParallelStrategy):
                 continue
             src = ctx.get_ranks_in_group(mode)[0]
             group = ctx.get_group(mode)
+            # One flat broadcast per dtype, not one per tensor: a real model has hundreds.
+            by_dtype: dict[torch.dtype, list[Tensor]] = {}
             for t in tensors:
-                dist.broadcast(t.data, src=src, group=group)
+                by_dtype.setdefault(t.dtype, []).append(t.data)
+            for same in by_dtype.values():
+                flat = _flatten_dense_tensors(same)
+                dist.broadcast(flat, src=src, group=group)
+                for t, synced in zip(same, _unflatten_dense_tensors(flat, same)):
+                    t.copy_(synced)
 
     def _install_sharded_clipping(self) -> None:
         # The precision plugin clips by the local norm (TRAPS.md #8). Shadowing its method on this
