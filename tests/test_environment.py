@@ -16,11 +16,8 @@ from lightning.pytorch.strategies import StrategyRegistry
 import lightning_parallelctx
 from lightning_parallelctx import ParallelCtxEnvironment, ParallelCtxStrategy
 from lightning_parallelctx.errors import LauncherError, ParallelConfigError
-from lightning_parallelctx.lightning.environment import (
-    LaunchMismatchError,
-    mpi_default_port,
-    resolve_launcher,
-)
+from lightning_parallelctx.launchers import mpi_job_port
+from lightning_parallelctx.lightning.environment import LaunchMismatchError, resolve_launcher
 
 LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_", "MV2_", "TORCHELASTIC_")
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
@@ -164,7 +161,7 @@ def test_mpi_without_mpi4py_is_one_world_not_copies(clean_env: pytest.MonkeyPatc
     assert (env.global_rank(), env.world_size(), env.local_rank()) == (3, 4, 3)
     # No MPI sets an address: one node -> loopback, a port every rank derives from the job id.
     assert env.main_address == "127.0.0.1"
-    assert env.main_port == mpi_default_port(os.environ) and 20000 <= env.main_port < 40000
+    assert env.main_port == mpi_job_port(os.environ) and 20000 <= env.main_port < 40000
     env.validate_settings(num_devices=4, num_nodes=1)
     with pytest.raises(LaunchMismatchError, match="started 4 process.*devices=2"):
         env.validate_settings(num_devices=2, num_nodes=1)

@@ -97,3 +97,14 @@ def test_slurm_allocation_without_srun_says_use_srun():
     env = {k: v for k, v in SLURM.items() if k != "SLURM_PROCID"}
     with pytest.raises(LauncherError, match="srun python"):
         read_slurm(env)
+
+
+def test_mpi_rendezvous_derived_on_one_node_only():
+    one_node = read_openmpi({**OMPI, "OMPI_MCA_ess_base_jobid": "123"})
+    assert one_node.host == "127.0.0.1" and 20000 <= one_node.port < 40000
+    assert read_openmpi({**OMPI, "OMPI_MCA_ess_base_jobid": "123", "OMPI_COMM_WORLD_RANK": "3"}).port == one_node.port
+    assert read_openmpi(OMPI).port is None  # no job id: nothing every rank would agree on
+    two_nodes = read_openmpi({**OMPI, "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OMPI_MCA_ess_base_jobid": "123"})
+    assert two_nodes.host is None and two_nodes.port is None
+    given = read_openmpi({**OMPI, "MASTER_ADDR": "n1", "MASTER_PORT": "29500"})
+    assert (given.host, given.port) == ("n1", 29500)

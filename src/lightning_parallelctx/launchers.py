@@ -6,6 +6,7 @@ naming the variable and the launcher that should have set it (see docs/LAUNCHERS
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -169,18 +170,29 @@ def read_slurm(env: Env) -> LaunchInfo:
 
 
 # ------------------------------------------------------------------------------------ MPIs
+def mpi_job_port(env: Env) -> int | None:
+    """A port every rank of one MPI job derives alike from the job's id (MPI sets no port)."""
+    job = next((env[k] for k in ("OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE", "PMI_KVS_NAME", "PMI_ID",
+                                 "MPIRUN_ID", "MV2_MPIRUN_ID") if env.get(k)), None)
+    return None if job is None else 20000 + int(hashlib.sha256(job.encode()).hexdigest(), 16) % 20000
+
+
 def _mpi_reader(launcher: str, rank: str, size: str, local_rank: str, local_size: str) -> Callable[[Env], LaunchInfo]:
     def read(env: Env) -> LaunchInfo:
         hint = f"Start the processes with {launcher}'s mpirun/mpiexec."
         local_world = _opt_int(env, local_size)
+        world = _int(env, size, launcher, hint)
+        # MPI says nothing of a rendezvous. On one node rank 0 is local and the job id gives every
+        # rank the same port; across nodes rank 0's host is unknown: MASTER_ADDR/PORT must say.
+        single_node = local_world is not None and local_world == world
         info = LaunchInfo(
             launcher=launcher,
             rank=_int(env, rank, launcher, hint),
-            world_size=_int(env, size, launcher, hint),
+            world_size=world,
             local_rank=_opt_int(env, local_rank) or 0,
             local_world_size=local_world,
-            host=env.get("MASTER_ADDR"),
-            port=_port(env.get("MASTER_PORT"), "MASTER_PORT"),
+            host=env.get("MASTER_ADDR") or ("127.0.0.1" if single_node else None),
+            port=_port(env.get("MASTER_PORT"), "MASTER_PORT") or (mpi_job_port(env) if single_node else None),
         )
         return _check_rank(info, f"{rank} / {size}")
 

@@ -9,7 +9,6 @@ cases into errors that say what to change.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 
@@ -75,18 +74,19 @@ class ParallelCtxEnvironment(ClusterEnvironment):
     @property
     def main_address(self) -> str:
         info = self.launch
-        if info is None or info.host:
-            return (info.host if info else None) or os.environ.get("MASTER_ADDR", "127.0.0.1")
-        return _mpi_address(info)
+        if info is None:
+            return os.environ.get("MASTER_ADDR", "127.0.0.1")
+        if info.host:
+            return info.host
+        raise _no_rendezvous(info)
 
     @property
     def main_port(self) -> int:
         info = self.launch
-        if info is not None and info.port:
-            return info.port
-        if info is not None:  # an MPI launch: nobody chose a port
-            _mpi_address(info)  # raises for multi-node launches, where a derived port is a guess
-            return mpi_default_port(os.environ)
+        if info is not None:
+            if info.port:
+                return info.port
+            raise _no_rendezvous(info)
         if self._main_port == -1:
             self._main_port = int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ else find_free_network_port()
         return self._main_port
@@ -227,23 +227,13 @@ def resolve_launcher(env: Mapping[str, str], requested: str = "auto") -> str:
     return "slurm"
 
 
-def mpi_default_port(env: Mapping[str, str]) -> int:
-    """A port every rank of one MPI job derives alike (MPI sets none), from the job's id."""
-    job = next((env[k] for k in ("OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE", "PMI_KVS_NAME", "PMI_ID",
-                                 "MPIRUN_ID", "MV2_MPIRUN_ID") if env.get(k)), None)
-    if job is None:
-        raise LaunchMismatchError(
-            "MPI started this process but sets no rendezvous port, and no MPI job id was found to derive "
-            "one. Fix: export MASTER_ADDR and MASTER_PORT to every rank (mpirun -x MASTER_ADDR=... -x MASTER_PORT=...)."
-        )
-    return 20000 + int(hashlib.sha256(job.encode()).hexdigest(), 16) % 20000
-
-
-def _mpi_address(info: LaunchInfo) -> str:
-    if info.local_world_size is not None and info.local_world_size == info.world_size:
-        return "127.0.0.1"  # every rank on this node
-    raise LaunchMismatchError(
-        f"{info.launcher} started {info.world_size} processes on several nodes but does not say where rank 0 "
+def _no_rendezvous(info: LaunchInfo) -> LaunchMismatchError:
+    """MPI sets no rendezvous address; launchers.py derives one on a single node (127.0.0.1, a port
+    from the job id) and leaves it unset otherwise."""
+    where = ("on several nodes" if info.local_world_size != info.world_size
+             else "and no MPI job id was found to derive a port from")
+    return LaunchMismatchError(
+        f"{info.launcher} started {info.world_size} processes {where}, and says nothing of where rank 0 "
         f"listens. Fix: export MASTER_ADDR=<rank 0's host> and MASTER_PORT=<free port> to every rank "
         f"(mpirun -x MASTER_ADDR -x MASTER_PORT ...)."
     )
