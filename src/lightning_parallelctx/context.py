@@ -73,7 +73,8 @@ class ParallelContext:
                      tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                      sequence_parallel_size: int = 1, expert_parallel_size: int = 1,
                      **options: Any) -> "ParallelContext":
-        """Processes started by Open MPI's mpirun. MPI sets no address: pass host/port or export
+        """Processes started by Open MPI's mpirun. MPI sets no rendezvous address: on one node rank 0
+        is 127.0.0.1 and the port comes from the job id; across nodes pass host/port or export
         MASTER_ADDR/MASTER_PORT (``mpirun -x MASTER_ADDR -x MASTER_PORT``)."""
         return cls._build("openmpi", host, port, data_parallel_size, tensor_parallel_size,
                           pipeline_parallel_size, sequence_parallel_size, expert_parallel_size, options)
