@@ -283,11 +283,10 @@ def no_live_context(monkeypatch: pytest.MonkeyPatch) -> None:
     """This process as if no ParallelContext had been built in it (another test may have left one)."""
     import weakref
 
-    import lightning_parallelctx.context as context_module
-    import lightning_parallelctx.distributed._state as state_module
+    import lightning_parallelctx.current as current_module
 
-    monkeypatch.setattr(context_module, "_LIVE", weakref.WeakSet())
-    monkeypatch.setattr(state_module, "_current", None)
+    monkeypatch.setattr(current_module, "LIVE", weakref.WeakSet())
+    monkeypatch.setattr(current_module, "_current", None)
 
 
 def test_layers_single_process_equal_torch(no_live_context: None) -> None:

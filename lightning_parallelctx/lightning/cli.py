@@ -2,16 +2,18 @@
 
 Any LightningModule / LightningDataModule is named by ``class_path`` in the YAML; the strategy is
 ``class_path: lightning_parallelctx.ParallelCtxStrategy`` (or the registered name ``parallelctx``).
-The working directory is importable, so examples run from the repository root
-(``class_path: examples.gpt.model.GPTLightning``).
+The working directory is importable, and so is the clone the package was installed from: the
+examples' configs (``class_path: examples.gpt.model.GPTLightning``) run from any directory after
+``pip install -e`` of a clone.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -22,8 +24,7 @@ def main(argv: Sequence[str] | None = None, **cli_kwargs: Any) -> LightningCLI:
     # Under `python -m` the working directory is on sys.path, under a console script it is not.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    import lightning_parallelctx  # noqa: F401  (registers the "parallelctx" strategy name)
-
+    _add_clone_root()
     # Lightning 2.6's pytree helper trips torch 2.13's LeafSpec deprecation once per process and
     # loader: noise for the user, nothing to act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -41,10 +42,40 @@ def main(argv: Sequence[str] | None = None, **cli_kwargs: Any) -> LightningCLI:
         "args": None if args == sys.argv[1:] else args,
     }
     options.update(cli_kwargs)
-    cli = LightningCLI(**options)
+    try:
+        cli = LightningCLI(**options)
+    except SystemExit:
+        _explain_missing_examples(args)
+        raise
     if args and args[0] == "fit" and cli.trainer.is_global_zero:
         _print_final_loss(cli.trainer)
     return cli
+
+
+def _add_clone_root() -> None:
+    """Make the clone's ``examples`` package importable wherever the CLI runs.
+
+    Appended, not prepended: a user's own ``examples`` package in the working directory wins.
+    An installed wheel has no clone beside it; then the configs' ``examples.*`` class paths need
+    the clone on PYTHONPATH, which the error below says.
+    """
+    root = Path(__file__).resolve().parents[2]
+    if (root / "examples").is_dir() and (root / "pyproject.toml").is_file() and str(root) not in sys.path:
+        sys.path.append(str(root))
+
+
+def _explain_missing_examples(args: Sequence[str]) -> None:
+    """LightningCLI reports an unimportable class_path as a parse error several lines long; say
+    the fix first when it is this library's examples package that is missing."""
+    try:
+        import examples  # noqa: F401
+    except ImportError:
+        configs = [a for a in args if a.endswith((".yaml", ".yml"))]
+        text = " ".join(Path(c).read_text() for c in configs if Path(c).is_file())
+        if "examples." in text:
+            print("lightning-parallelctx: this config names classes of the repository's 'examples' package, "
+                  "which is not importable here (the package was not installed from a clone). Fix: run from "
+                  "the clone's root, or export PYTHONPATH=/path/to/clone", file=sys.stderr)
 
 
 def _print_final_loss(trainer: Any) -> None:

@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import time
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .current import LIVE, set_current_context
 from .errors import LauncherError, ModeNotFoundError, ParallelConfigError, ParallelCtxError
 from .initializers import InitializerSpec, ModeGroups, mode_groups_for
 from .launchers import LaunchInfo, read_launch
@@ -30,7 +30,6 @@ SizeArg = "int | str | None"
 #: Counts builds in this process. SPMD programs build in the same sequence on every rank, so the
 #: count names this build's groups identically everywhere (and is checked across ranks anyway).
 _BUILD_COUNTER = itertools.count()
-_LIVE: "weakref.WeakSet[ParallelContext]" = weakref.WeakSet()
 
 DEFAULT_TIMEOUT = timedelta(minutes=5)
 
@@ -160,9 +159,7 @@ class ParallelContext:
         self.build_id = build_id
         #: Seconds this rank spent building (validation, rendezvous, its own groups).
         self.build_seconds = time.perf_counter() - started
-        _LIVE.add(self)
-        from .distributed import set_current_context  # late: the collectives import this module
-
+        LIVE.add(self)
         set_current_context(self)
 
     # ------------------------------------------------------------------ queries
@@ -281,7 +278,7 @@ class ParallelContext:
         if self._destroyed:
             return
         self._release()
-        _LIVE.discard(self)
+        LIVE.discard(self)
 
     def _release(self) -> None:
         self._destroyed = True
@@ -346,7 +343,7 @@ _OPTIONS = {"order", "modes", "backend", "timeout", "env"}
 
 def _live_context(sizes: dict, order: tuple, modes: tuple[str, ...] = ()) -> "ParallelContext | None":
     """The newest live context with this layout and (at least) these modes, if any."""
-    for ctx in sorted(_LIVE, key=lambda c: -c.build_id):
+    for ctx in sorted(LIVE, key=lambda c: -c.build_id):
         if (not ctx.is_destroyed and dict(ctx.layout.sizes) == sizes and ctx.layout.order == tuple(order)
                 and all(ctx.has_mode(m) for m in modes)):
             return ctx

@@ -1,25 +1,27 @@
-"""Which ParallelContext the collectives talk over, and the torchshard-style queries.
+"""Which ParallelContext is current: the set of live contexts and the explicit "current" pointer.
 
 Collectives are called deep inside models, far from where the context was built, so they need a
 "current" context. It is explicit and inspectable: ``set_current_context(ctx)`` (called by
 ``ParallelContext.__init__``), else the most recently built context that is still alive, else -
 when ``torch.distributed`` is not running at all - a :class:`LocalContext` in which every mode
-has size 1. Every public function also takes ``context=`` to bypass all of this.
+has size 1. Every public function of the collectives also takes ``context=`` to bypass all of this.
+
+This module sits below both ``context.py`` (which registers every context it builds) and
+``distributed/`` (which asks who is current), so neither imports the other.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import torch.distributed as dist
 
-from ..errors import ParallelCtxError
-from ..mode import ParallelMode, mode_name
+from .errors import ParallelCtxError
+from .mode import ParallelMode, mode_name
 
-#: A mode as every call accepts it: the enum member or its string value.
-ModeArg = Union[ParallelMode, str]
+#: Every ParallelContext built in this process and not yet destroyed (weakly held).
+LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 class ContextLike(Protocol):
@@ -92,9 +94,7 @@ def current_context(required: bool = True) -> "ContextLike | None":
     ctx = _current() if _current is not None else None
     if ctx is not None and not getattr(ctx, "is_destroyed", False):
         return ctx
-    from ..context import _LIVE  # late import: context.py may import this package one day
-
-    live = [c for c in list(_LIVE) if not c.is_destroyed]
+    live = [c for c in list(LIVE) if not c.is_destroyed]
     if live:
         return max(live, key=_build_number)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -111,49 +111,3 @@ def current_context(required: bool = True) -> "ContextLike | None":
 _LOCAL = LocalContext()
 
 
-def resolve(context: "ContextLike | None") -> ContextLike:
-    if context is None:
-        return current_context()  # type: ignore[return-value]
-    if getattr(context, "is_destroyed", False):
-        raise ParallelCtxError("the context passed as context= was destroyed; build a new one")
-    return context
-
-
-@dataclass(frozen=True)
-class GroupInfo:
-    """A mode's group as the communication code needs it (resolved once per call)."""
-
-    size: int
-    rank: int
-    group: Any  # None for size 1: size-1 groups are never created just to be skipped
-    mode: str
-
-
-def group_info(mode: ModeArg, context: "ContextLike | None" = None) -> GroupInfo:
-    ctx = resolve(context)
-    size = ctx.get_world_size(mode)
-    if size == 1:  # check before get_group: ParallelContext makes size-1 groups lazily
-        return GroupInfo(1, 0, None, mode_name(mode))
-    return GroupInfo(size, ctx.get_local_rank(mode), ctx.get_group(mode), mode_name(mode))
-
-
-# ------------------------------------------------------------------ torchshard-style queries
-def is_initialized() -> bool:
-    """True when a live ParallelContext exists (the collectives then communicate)."""
-    return not isinstance(current_context(required=False), (LocalContext, type(None)))
-
-
-def get_rank(mode: ModeArg = ParallelMode.TENSOR, context: "ContextLike | None" = None) -> int:
-    """This process's rank inside its group of ``mode`` (0 without a context)."""
-    return resolve(context).get_local_rank(mode)
-
-
-def get_world_size(mode: ModeArg = ParallelMode.TENSOR, context: "ContextLike | None" = None) -> int:
-    """Size of this process's group of ``mode`` (1 without a context)."""
-    return resolve(context).get_world_size(mode)
-
-
-def get_group(mode: ModeArg = ParallelMode.TENSOR, context: "ContextLike | None" = None) -> Any:
-    """The ``ProcessGroup`` of ``mode`` (None under a :class:`LocalContext`, which has no groups)."""
-    ctx = resolve(context)
-    return None if isinstance(ctx, LocalContext) else ctx.get_group(mode)

@@ -1,0 +1,62 @@
+"""The group a collective talks over (resolved from the current context) and the torchshard-style
+queries. Which context is current is owned by :mod:`lightning_parallelctx.current`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+from ..current import ContextLike, LocalContext, current_context, set_current_context  # noqa: F401
+from ..errors import ParallelCtxError
+from ..mode import ParallelMode, mode_name
+
+#: A mode as every call accepts it: the enum member or its string value.
+ModeArg = Union[ParallelMode, str]
+
+
+def resolve(context: "ContextLike | None") -> ContextLike:
+    if context is None:
+        return current_context()  # type: ignore[return-value]
+    if getattr(context, "is_destroyed", False):
+        raise ParallelCtxError("the context passed as context= was destroyed; build a new one")
+    return context
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """A mode's group as the communication code needs it (resolved once per call)."""
+
+    size: int
+    rank: int
+    group: Any  # None for size 1: size-1 groups are never created just to be skipped
+    mode: str
+
+
+def group_info(mode: ModeArg, context: "ContextLike | None" = None) -> GroupInfo:
+    ctx = resolve(context)
+    size = ctx.get_world_size(mode)
+    if size == 1:  # check before get_group: ParallelContext makes size-1 groups lazily
+        return GroupInfo(1, 0, None, mode_name(mode))
+    return GroupInfo(size, ctx.get_local_rank(mode), ctx.get_group(mode), mode_name(mode))
+
+
+# ------------------------------------------------------------------ torchshard-style queries
+def is_initialized() -> bool:
+    """True when a live ParallelContext exists (the collectives then communicate)."""
+    return not isinstance(current_context(required=False), (LocalContext, type(None)))
+
+
+def get_rank(mode: ModeArg = ParallelMode.TENSOR, context: "ContextLike | None" = None) -> int:
+    """This process's rank inside its group of ``mode`` (0 without a context)."""
+    return resolve(context).get_local_rank(mode)
+
+
+def get_world_size(mode: ModeArg = ParallelMode.TENSOR, context: "ContextLike | None" = None) -> int:
+    """Size of this process's group of ``mode`` (1 without a context)."""
+    return resolve(context).get_world_size(mode)
+
+
+def get_group(mode: ModeArg = ParallelMode.TENSOR, context: "ContextLike | None" = None) -> Any:
+    """The ``ProcessGroup`` of ``mode`` (None under a :class:`LocalContext`, which has no groups)."""
+    ctx = resolve(context)
+    return None if isinstance(ctx, LocalContext) else ctx.get_group(mode)
