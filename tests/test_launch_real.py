@@ -170,3 +170,29 @@ srun {sys.executable} {' '.join(FIT)} && echo "mismatch: ran" || echo "mismatch:
     assert "interactive: failed" in text and "srun step of 2 tasks in a Slurm job named 'interactive'" in text, text[-6000:]
     assert "mismatch: failed" in text, text[-6000:]
     assert "slurm started 2 process(es) on this node (tasks per node=2), but the Trainer has devices=4" in text
+
+
+@pytest.mark.timeout(FIXTURE_RUN_TEST_TIMEOUT)
+def test_config_runs_from_any_directory(strategy_launched_loss: str, tmp_path: Path) -> None:
+    """The examples' configs name `examples.gpt...`: the CLI finds them from the clone it was
+    installed from, whatever the working directory, and trains the same model the same way."""
+    cmd = [a if a != CONFIG else str(ROOT / CONFIG) for a in FIT]
+    out = subprocess.run([sys.executable, *cmd], cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert final_loss(out.stdout + out.stderr) == strategy_launched_loss
+
+
+def test_missing_examples_package_says_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Installed without a clone, the examples cannot be imported: the last line says what to do."""
+    from lightning_parallelctx.lightning import cli
+
+    monkeypatch.setitem(sys.modules, "examples", None)  # `import examples` now raises ImportError
+    cli._explain_missing_examples(["fit", "--config", str(ROOT / CONFIG)])
+    err = capsys.readouterr().err
+    assert "'examples' package" in err and "export PYTHONPATH=/path/to/clone" in err
+    other = tmp_path / "own.yaml"
+    other.write_text("model:\n  class_path: mypkg.Model\n")
+    cli._explain_missing_examples(["fit", "--config", str(other)])
+    assert capsys.readouterr().err == ""  # a config that does not name the examples: no advice
