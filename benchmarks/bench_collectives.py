@@ -169,9 +169,35 @@ def _hand_written(torch, dist, group, n: int, rank: int):
         def backward(ctx, g):
             return a2a(g, 0, 1)
 
+    class TokenA2A(F):  # uneven all-to-all of rows, counts known
+        @staticmethod
+        def forward(ctx, x, send, recv):
+            ctx.counts = (send, recv)
+            out = x.new_empty((sum(recv), *x.shape[1:]))
+            dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            send, recv = ctx.counts
+            out = g.new_empty((sum(send), *g.shape[1:]))
+            dist.all_to_all_single(out, g.contiguous(), send, recv, group=group)
+            return out, None, None
+
+    def moe_round_trip(x, idx, num_experts, expert_fn):  # dispatch, expert_fn, combine: 3 all-to-alls
+        order = torch.argsort(idx, stable=True)
+        counts = torch.bincount(idx, minlength=num_experts)
+        got = torch.empty_like(counts)
+        dist.all_to_all_single(got, counts, group=group)
+        send, recv = counts.view(n, -1).sum(1).tolist(), got.view(n, -1).sum(1).tolist()
+        back = TokenA2A.apply(expert_fn(TokenA2A.apply(x.index_select(0, order), send, recv)), recv, send)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        return back.index_select(0, inverse)
+
     funcs = dict(copy=Copy, reduce=Reduce, scatter_last=ScatterLast, gather0=Gather0, gather_last=GatherLast,
                  all_gather0=AllGather0, rs0=ReduceScatter0, rs_last=ReduceScatterLast, a2a01=A2A01, a2a10=A2A10)
-    raw = dict(ag0=ag0, ag_last=ag_last, rs0=rs0, rs_last=rs_last, all_reduce=all_reduce, a2a=a2a)
+    raw = dict(ag0=ag0, ag_last=ag_last, rs0=rs0, rs_last=rs_last, all_reduce=all_reduce, a2a=a2a, moe=moe_round_trip)
     return {k: f.apply for k, f in funcs.items()}, raw
 
 
@@ -227,6 +253,15 @@ def _cases(torch, dist, D, group, n: int, rank: int, rows: int, cols: int):
             return raw["a2a"](g, 1, 2)
 
     raw_a2a_4d = _A2A4d.apply
+    num_experts = 2 * n
+    expert_of_row = torch.randint(0, num_experts, (rows,), generator=gen)
+
+    def ours_moe(x):
+        received, _, handle = D.dispatch(x, expert_of_row, num_experts, "tensor")  # the 2-rank group
+        return D.combine(received * 2.0, handle)
+
+    both["expert dispatch + combine"] = (ours_moe, lambda x: raw["moe"](x, expert_of_row, num_experts,
+                                                                          lambda t: t * 2.0), full, g_full)
     g_heads = torch.randn(1, n * rows, 4, cols // 4 // n, generator=gen)
     out = {}
     for name, (ours, peer, x, g) in both.items():
@@ -277,7 +312,7 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
         rows -= rows % world_size
         cases = _cases(torch, dist, D, group, world_size, rank, rows, cols)
         if args["fake"]:
-            reps = 20 if reps == 1 and nbytes < 2**20 else max(reps, 3)  # no communication: calls are short
+            reps = 200 if nbytes < 2**20 else 5  # no communication: calls are short, long bursts steady the minimum
         mismatch = {}
         for key, (ours, peer) in cases.items():  # same results before any timing (not on the no-op backend)
             if args["fake"]:
