@@ -108,7 +108,9 @@ def main() -> None:
     parser.add_argument("--baseline-max", type=int, default=16384,
                         help="largest world for the O(world) every-rank-every-group baseline")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results here (benchmarks/run_all.py reads them)")
     args = parser.parse_args()
+    results = {}
     variants = {"parallelctx": ours, "init_device_mesh": device_mesh, "every-rank-every-group": every_group}
     print(f"sizes {SIZES}, data derived; per rank: median build ms over ranks/repeats, group-creation calls")
     print(f"{'world':>7} | " + " | ".join(f"{v:>28}" for v in variants) + " | speed-up vs device mesh")
@@ -125,9 +127,15 @@ def main() -> None:
                     samples.append(seconds)
                     calls.add(n)
             times[name] = statistics.median(samples)
+            results.setdefault(str(world), {})[name] = {"ms": times[name] * 1e3, "calls": sorted(calls)}
             cells.append(f"{times[name] * 1e3:>12.1f} ms {'/'.join(map(str, sorted(calls))):>8} calls")
         ratio = times["init_device_mesh"] / times["parallelctx"]
         print(f"{world:>7} | " + " | ".join(cells) + f" | {ratio:.1f}x")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "sizes": SIZES, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 ``parallelize_module`` with ColwiseParallel / RowwiseParallel (DTensor), same shapes, same ranks.
 
 2 processes, gloo, tp=2. Both variants are built from the same seed and checked to produce the
-same output before timing. One step = zero_grad(set_to_none=True) + forward + backward with a
-fixed upstream gradient. Variants run interleaved round-robin (rotating which goes first), each
-rank's main thread pinned to its own core, one torch thread, glibc MALLOC_* thresholds set
-(BENCHMARKING.md); a step's time is the max over ranks; medians are reported as ratios.
+same output before timing. One step = zero_grad(set_to_none=True) + forward + backward of
+``(block(x) * g).sum()``: the output is read, as the next layer of a model reads it (with
+``--unread-output``, ``block(x).backward(g)`` instead, which lets DTensor's asynchronous forward
+all-reduce overlap the whole backward pass, something no real model allows). Variants run
+interleaved round-robin (rotating which goes first), each rank's main thread pinned to its own
+core, one torch thread, glibc MALLOC_* thresholds set (BENCHMARKING.md); a step's time is the max
+over ranks; ratios of the medians and medians of the per-round ratios ("paired").
 
     python benchmarks/bench_tensor_parallel.py [--rounds 30] [--warmup 5] [--d-model 512] [--tokens 512]
 """
@@ -13,6 +16,7 @@ rank's main thread pinned to its own core, one torch thread, glibc MALLOC_* thre
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -93,7 +97,13 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
         dist.barrier()  # both ranks start together
         t0 = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        model(xi).backward(g)
+        # The output is used, as the next layer of a real model would use it: DTensor's collectives
+        # are asynchronous, and .backward(g) alone never reads the output, which would let its
+        # forward all-reduce overlap the backward pass for free. The loss's gradient is g.
+        if args["unread_output"]:
+            model(xi).backward(g)
+        else:
+            (model(xi) * g).sum().backward()
         return time.perf_counter() - t0
 
     times = {n: [] for n in names}
@@ -120,6 +130,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=512, help="batch * sequence")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--unread-output", action="store_true", help="step = block(x).backward(g) (see above)")
+    parser.add_argument("--json", help="also write the results here (benchmarks/run_all.py reads them)")
     args = parser.parse_args()
     reexec_with_malloc_env()
     from lightning_parallelctx.testing import spawn
@@ -130,11 +142,20 @@ def main() -> None:
     print(f"2 ranks, gloo, tp=2, d_model={args.d_model} (MLP hidden {4 * args.d_model}, {args.heads} heads), "
           f"{args.tokens} tokens (batch {args.batch}); fwd+bwd; {args.rounds} rounds (+{args.warmup} warm-up) "
           f"interleaved; step = max over ranks; wall {wall:.0f} s")
-    print(f"{'block':<11}{'parallelctx ms':>16}{'torch TP ms':>13}{'ratio':>8}{'  max |out diff|':>17}")
+    print(f"{'block':<11}{'parallelctx ms':>16}{'torch TP ms':>13}{'median':>8}{'paired':>8}{'  max |out diff|':>17}")
+    rows = {}
     for kind in ("mlp", "attention"):
-        ours = statistics.median(res["times"][f"{kind}/parallelctx"])
-        theirs = statistics.median(res["times"][f"{kind}/torch-DTensor"])
-        print(f"{kind:<11}{ours * 1e3:>16.2f}{theirs * 1e3:>13.2f}{ours / theirs:>8.3f}{res['check'][kind]:>17.2e}")
+        ours_t, theirs_t = res["times"][f"{kind}/parallelctx"], res["times"][f"{kind}/torch-DTensor"]
+        ours, theirs = statistics.median(ours_t), statistics.median(theirs_t)
+        paired = statistics.median(a / b for a, b in zip(ours_t, theirs_t))
+        rows[kind] = {"ours_ms": ours * 1e3, "peer_ms": theirs * 1e3, "median": ours / theirs, "paired": paired,
+                      "max_diff": res["check"][kind]}
+        print(f"{kind:<11}{ours * 1e3:>16.2f}{theirs * 1e3:>13.2f}{ours / theirs:>8.3f}{paired:>8.3f}"
+              f"{res['check'][kind]:>17.2e}")
+    print("median = ratio of the medians; paired = median of the per-round ratios; below 1 = ours faster")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "wall_s": wall, "results": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,14 @@ def _check(ctx: ParallelContext, mode: str, name: str, fn, ref_fn, inputs: list[
         failures.append(f"{label}: input modified in place")
     if not torch.equal(upstream, grads[r]):
         failures.append(f"{label}: upstream gradient modified in place")
+    # The no-grad fast path (no autograd node) must give the very same forward, bit for bit.
+    plain = inputs[0 if replicated_in else r].clone()
+    with torch.no_grad():
+        y_plain = fn(plain)
+    if y_plain.requires_grad or not torch.equal(y_plain, y.detach()):
+        failures.append(f"{label}: the no-grad forward differs from the autograd forward")
+    if not torch.equal(plain, inputs[0 if replicated_in else r]):
+        failures.append(f"{label}: the no-grad forward modified its input")
     return 1
 
 

@@ -99,33 +99,46 @@ def _with_size(shape: Sequence[int], dim: int, size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def all_gather(x: torch.Tensor, dim: int, sizes: Sequence[int], g: GroupInfo) -> torch.Tensor:
+def _gather_mismatch(x: torch.Tensor, dim: int, sizes: Sequence[int], g: GroupInfo) -> ParallelCtxError:
+    return ParallelCtxError(
+        f"gather along dim {dim}: this rank ({g.rank} of {g.size} in {g.mode!r}) holds size "
+        f"{x.shape[dim]} but the expected piece sizes are {list(sizes)}; entry {g.rank} must equal this "
+        f"rank's size along dim {dim}. Fix: pass every rank's real size in rank order, or sizes=None to exchange them"
+    )
+
+
+def all_gather(x: torch.Tensor, dim: int, sizes: list[int], g: GroupInfo) -> torch.Tensor:
     """Concatenate every rank's piece along ``dim``; rank j's piece has ``sizes[j]`` there."""
-    if x.shape[dim] != sizes[g.rank]:
-        raise ParallelCtxError(
-            f"gather along dim {dim}: this rank ({g.rank} of {g.size} in {g.mode!r}) holds size "
-            f"{x.shape[dim]} but the expected piece sizes are {list(sizes)}; entry {g.rank} must equal this "
-            f"rank's size along dim {dim}. Fix: pass every rank's real size in rank order, or sizes=None to exchange them"
-        )
+    local = x.shape[dim]
+    if local != sizes[g.rank]:
+        raise _gather_mismatch(x, dim, sizes, g)
+    if sizes.count(local) != g.size:  # uneven: pad to the largest piece, one collective anyway
+        return _all_gather_uneven(x, dim, sizes, g)
+    # Even (the hot path of every TP layer): straight-line code, no size list built, no extra copy.
     x = x.contiguous()
-    size = max(sizes)
-    if any(s != size for s in sizes):  # uneven: pad to the largest piece, one collective anyway
-        if size == 0:
-            return x.new_empty(_with_size(x.shape, dim, 0))
-        padded = x.new_zeros(_with_size(x.shape, dim, size))
-        padded.narrow(dim, 0, x.shape[dim]).copy_(x)
-        out = x.new_empty((g.size, *padded.shape))
-        _all_gather_flat(out.view(-1), padded.view(-1), g)
-        return torch.cat([out[j].narrow(dim, 0, s) for j, s in enumerate(sizes)], dim)
+    if dim == 0:  # the (world, *piece) buffer already is the result
+        out = x.new_empty((g.size * local, *x.shape[1:]))
+        if x.numel():
+            _all_gather_flat(out.view(-1), x.view(-1), g)
+        return out
     out = x.new_empty((g.size, *x.shape))
-    if out.numel():
+    if x.numel():
         _all_gather_flat(out.view(-1), x.view(-1), g)
-    if dim == 0:
-        return out.view(_with_size(x.shape, 0, g.size * size))  # the buffer is the result
     return out.movedim(0, dim).flatten(dim, dim + 1)  # one copy, no list, no cat
 
 
-def reduce_scatter(x: torch.Tensor, dim: int, sizes: Sequence[int], g: GroupInfo) -> torch.Tensor:
+def _all_gather_uneven(x: torch.Tensor, dim: int, sizes: list[int], g: GroupInfo) -> torch.Tensor:
+    size = max(sizes)
+    if size == 0:
+        return x.new_empty(_with_size(x.shape, dim, 0))
+    padded = x.new_zeros(_with_size(x.shape, dim, size))
+    padded.narrow(dim, 0, x.shape[dim]).copy_(x)
+    out = x.new_empty((g.size, *padded.shape))
+    _all_gather_flat(out.view(-1), padded.view(-1), g)
+    return torch.cat([out[j].narrow(dim, 0, s) for j, s in enumerate(sizes)], dim)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, sizes: list[int], g: GroupInfo) -> torch.Tensor:
     """Sum over ranks, then keep this rank's piece along ``dim`` (pieces have ``sizes``)."""
     if sum(sizes) != x.shape[dim]:
         raise ParallelCtxError(
@@ -133,24 +146,34 @@ def reduce_scatter(x: torch.Tensor, dim: int, sizes: Sequence[int], g: GroupInfo
             f"{list(sizes)} of the {g.mode!r} group (group size {g.size}); the pieces must add up to the "
             f"input's size along dim {dim}. Fix: pass sizes summing to {x.shape[dim]}, or None to split evenly"
         )
-    size = max(sizes)
-    chunk_shape = _with_size(x.shape, dim, size)
-    if any(s != size for s in sizes):
-        buf = x.new_zeros((g.size, *chunk_shape))
-        for j, piece in enumerate(x.split(list(sizes), dim)):
-            buf[j].narrow(dim, 0, sizes[j]).copy_(piece)
-    elif dim == 0:
+    size = sizes[0]
+    if sizes.count(size) != g.size:
+        return _reduce_scatter_uneven(x, dim, sizes, g)
+    if dim == 0:
         buf = x.contiguous()  # already (world * size, ...) in rank order: no copy
+        out = x.new_empty((size, *x.shape[1:]))
     else:
         buf = x.unflatten(dim, (g.size, size)).movedim(dim, 0).contiguous()
+        out = x.new_empty(buf.shape[1:])
+    if out.numel():
+        _reduce_scatter_flat(out.view(-1), buf.view(-1), g)
+    return out
+
+
+def _reduce_scatter_uneven(x: torch.Tensor, dim: int, sizes: list[int], g: GroupInfo) -> torch.Tensor:
+    size = max(sizes)
+    chunk_shape = _with_size(x.shape, dim, size)
+    buf = x.new_zeros((g.size, *chunk_shape))
+    for j, piece in enumerate(x.split(sizes, dim)):
+        buf[j].narrow(dim, 0, sizes[j]).copy_(piece)
     out = x.new_empty(chunk_shape)
     if out.numel():
-        _reduce_scatter_flat(out.view(-1), buf.reshape(-1), g)
+        _reduce_scatter_flat(out.view(-1), buf.view(-1), g)
     return out if sizes[g.rank] == size else out.narrow(dim, 0, sizes[g.rank])
 
 
-def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, scatter_sizes: Sequence[int],
-               gather_sizes: Sequence[int], g: GroupInfo) -> torch.Tensor:
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, scatter_sizes: list[int],
+               gather_sizes: list[int], g: GroupInfo) -> torch.Tensor:
     """Split ``x`` along ``scatter_dim`` (piece j, of ``scatter_sizes[j]``, goes to rank j) and
     concatenate what arrives along ``gather_dim`` (rank j's piece has ``gather_sizes[j]`` there)."""
     if sum(scatter_sizes) != x.shape[scatter_dim] or x.shape[gather_dim] != gather_sizes[g.rank]:
@@ -162,7 +185,7 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, scatter_sizes
             f"Fix: pass sizes that match the input (or None to split evenly / exchange them)"
         )
     c = scatter_sizes[0]
-    if all(s == c for s in scatter_sizes) and all(s == gather_sizes[0] for s in gather_sizes):
+    if scatter_sizes.count(c) == g.size and gather_sizes.count(gather_sizes[0]) == g.size:
         if scatter_dim == 0:
             inp = x.contiguous().view((g.size, c, *x.shape[1:]))
         else:

@@ -57,6 +57,11 @@ def resolve_sizes(sizes: Any, local: int, g: GroupInfo, device: torch.device, wh
     return _comm.check_sizes(sizes, g, what)
 
 
+def _own_piece(x: torch.Tensor, dim: int, sizes: list[int], g: GroupInfo) -> torch.Tensor:
+    # A copy, not a view: an in-place change of the output must never reach the input.
+    return x.narrow(dim, _offset(sizes, g.rank), sizes[g.rank]).clone(memory_format=torch.contiguous_format)
+
+
 # ------------------------------------------------------------------ autograd functions
 class _Copy(torch.autograd.Function):
     @staticmethod
@@ -84,8 +89,7 @@ class _Scatter(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, dim: int, g: GroupInfo) -> torch.Tensor:
         sizes = split_sizes(x.shape[dim], g.size)
         ctx.dim, ctx.sizes, ctx.g = dim, sizes, g
-        # A copy, not a view: an in-place change of the output must never reach the input.
-        return x.narrow(dim, _offset(sizes, g.rank), sizes[g.rank]).clone(memory_format=torch.contiguous_format)
+        return _own_piece(x, dim, sizes, g)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
@@ -142,16 +146,25 @@ class _AllToAll(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------ public functions
+# Each function answers a call that needs no gradient (inference, no_grad, an input that does not
+# require grad) without building an autograd node: the forward is the same buffer-level call, so
+# the result is identical, and the node (~5-8 us) is a large part of a small collective's cost.
+def _needs_grad(x: torch.Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def copy(x: torch.Tensor, mode: "ParallelMode | str" = _TENSOR, *, context: ContextLike | None = None) -> torch.Tensor:
     """Identity forward, all-reduce (sum) of the gradient backward: enters a parallel region."""
     g = group_info(mode, context)
-    return x if g.size == 1 else _Copy.apply(x, g)
+    return _Copy.apply(x, g) if g.size > 1 and _needs_grad(x) else x
 
 
 def reduce(x: torch.Tensor, mode: "ParallelMode | str" = _TENSOR, *, context: ContextLike | None = None) -> torch.Tensor:
     """All-reduce (sum) forward, identity backward: leaves a parallel region (row-parallel output)."""
     g = group_info(mode, context)
-    return x if g.size == 1 else _Reduce.apply(x, g)
+    if g.size == 1:
+        return x
+    return _Reduce.apply(x, g) if _needs_grad(x) else _comm.all_reduce(x, g)
 
 
 def scatter(x: torch.Tensor, dim: int = -1, mode: "ParallelMode | str" = _TENSOR, *,
@@ -162,7 +175,9 @@ def scatter(x: torch.Tensor, dim: int = -1, mode: "ParallelMode | str" = _TENSOR
     """
     g = group_info(mode, context)
     dim = normalize_dim(dim, x.dim())
-    return x if g.size == 1 else _Scatter.apply(x, dim, g)
+    if g.size == 1:
+        return x
+    return _Scatter.apply(x, dim, g) if _needs_grad(x) else _own_piece(x, dim, split_sizes(x.shape[dim], g.size), g)
 
 
 def gather(x: torch.Tensor, dim: int = -1, mode: "ParallelMode | str" = _TENSOR, *, sizes: Sizes = None,
@@ -177,7 +192,8 @@ def gather(x: torch.Tensor, dim: int = -1, mode: "ParallelMode | str" = _TENSOR,
     dim = normalize_dim(dim, x.dim())
     if g.size == 1:
         return x
-    return _Gather.apply(x, dim, resolve_sizes(sizes, x.shape[dim], g, x.device), g)
+    sizes = resolve_sizes(sizes, x.shape[dim], g, x.device)
+    return _Gather.apply(x, dim, sizes, g) if _needs_grad(x) else _comm.all_gather(x, dim, sizes, g)
 
 
 def reduce_scatter(x: torch.Tensor, dim: int = 0, mode: "ParallelMode | str" = _TENSOR, *,
@@ -188,7 +204,8 @@ def reduce_scatter(x: torch.Tensor, dim: int = 0, mode: "ParallelMode | str" = _
     dim = normalize_dim(dim, x.dim())
     if g.size == 1:
         return x
-    return _ReduceScatter.apply(x, dim, split_sizes(x.shape[dim], g.size), g)
+    sizes = split_sizes(x.shape[dim], g.size)
+    return _ReduceScatter.apply(x, dim, sizes, g) if _needs_grad(x) else _comm.reduce_scatter(x, dim, sizes, g)
 
 
 def all_gather(x: torch.Tensor, dim: int = 0, mode: "ParallelMode | str" = _TENSOR, *, sizes: Sizes = None,
@@ -200,7 +217,8 @@ def all_gather(x: torch.Tensor, dim: int = 0, mode: "ParallelMode | str" = _TENS
     dim = normalize_dim(dim, x.dim())
     if g.size == 1:
         return x
-    return _AllGather.apply(x, dim, resolve_sizes(sizes, x.shape[dim], g, x.device), g)
+    sizes = resolve_sizes(sizes, x.shape[dim], g, x.device)
+    return _AllGather.apply(x, dim, sizes, g) if _needs_grad(x) else _comm.all_gather(x, dim, sizes, g)
 
 
 def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, mode: "ParallelMode | str" = _TENSOR, *,
@@ -230,4 +248,6 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, mode: "Parall
     else:
         scatter_list = _comm.check_sizes(scatter_sizes, g, "scatter_sizes")
     gather_list = resolve_sizes(gather_sizes, x.shape[gather_dim], g, x.device, "gather_sizes")
-    return _AllToAll.apply(x, scatter_dim, gather_dim, scatter_list, gather_list, g)
+    if _needs_grad(x):
+        return _AllToAll.apply(x, scatter_dim, gather_dim, scatter_list, gather_list, g)
+    return _comm.all_to_all(x, scatter_dim, gather_dim, scatter_list, gather_list, g)

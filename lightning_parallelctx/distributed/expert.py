@@ -4,8 +4,9 @@ Experts are numbered globally and held in contiguous blocks: with ``E`` experts 
 group of ``n`` ranks, rank ``r`` holds experts ``r * E/n ... (r + 1) * E/n - 1`` (the same rule as
 ``full.chunk(n, 0)[r]`` on a stacked expert weight).
 
-``dispatch`` sorts tokens by expert, exchanges the per-rank counts (one small all-to-all), then
-sends the tokens with one ``all_to_all_single``; ``combine`` is the exact inverse. Both are
+``dispatch`` sorts tokens by expert, exchanges the per-expert counts (one small all-to-all, from
+which every receiver also knows which expert each arriving token is for), then sends the tokens
+with one ``all_to_all_single``; ``combine`` is the exact inverse. Both are
 differentiable: the backward of each all-to-all is the all-to-all with the counts swapped, so
 expert weights get the gradient of every rank's tokens and token gradients return home.
 
@@ -111,27 +112,32 @@ def dispatch(tokens: torch.Tensor, expert_index: torch.Tensor, num_experts: int,
         if g.size == 1:
             raise ParallelCtxError(error)
         # Still take part in the counts exchange, so the peers fail with us instead of hanging.
-        send = torch.full((g.size,), _BAD_INPUT, dtype=torch.long, device=expert_index.device)
+        send = torch.full((num_experts,), _BAD_INPUT, dtype=torch.long, device=expert_index.device)
     else:
         order = torch.argsort(expert_index, stable=True)
         ordered = tokens.index_select(0, order)  # differentiable gather; never touches tokens
-        experts = expert_index.index_select(0, order)
-        send = torch.bincount(torch.div(experts, per_rank, rounding_mode="floor"), minlength=g.size)
         if g.size == 1:
-            return ordered, experts, DispatchHandle(order, send.tolist(), send.tolist(), g, per_rank)
+            counts = [int(expert_index.numel())]
+            return ordered, expert_index.index_select(0, order), DispatchHandle(order, counts, counts, g, per_rank)
+        # Counts per expert, not per rank: the receiver rebuilds each token's expert from them, so
+        # the expert ids need no all-to-all of their own (two collectives per dispatch, not three).
+        send = torch.bincount(expert_index, minlength=num_experts)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=g.group)  # counts first: receivers size their buffers
-    send_l, recv_l = send.tolist(), recv.tolist()
     if error is not None:
         raise ParallelCtxError(error)
-    bad_ranks = [src for src, count in enumerate(recv_l) if count == _BAD_INPUT]
+    recv_by_src = recv.view(g.size, per_rank)  # [source rank, local expert]
+    bad_ranks = [src for src, row in enumerate(recv_by_src.tolist()) if _BAD_INPUT in row]
     if bad_ranks:
         raise ParallelCtxError(
             f"dispatch: rank(s) {bad_ranks} of the {g.mode!r} group passed invalid expert_index/tokens (their own "
             f"error says what and how to fix it); no tokens were exchanged. Fix the input on those rank(s)"
         )
+    send_l = send.view(g.size, per_rank).sum(1).tolist()
+    recv_l = recv_by_src.sum(1).tolist()
     received = _TokenAllToAll.apply(ordered, send_l, recv_l, g)
-    local_ids = _exchange(experts, send_l, recv_l, g) - g.rank * per_rank
+    # What arrives is grouped by source rank and, within a source, sorted by expert.
+    local_ids = torch.arange(per_rank, device=recv.device).repeat(g.size).repeat_interleave(recv_by_src.reshape(-1))
     return received, local_ids, DispatchHandle(order, send_l, recv_l, g, per_rank)
 
 

@@ -30,6 +30,7 @@ from ..distributed import collectives as C
 from ..distributed._state import ContextLike
 from ..mode import ParallelMode
 from ._common import InitFn, _ParallelLayer, is_meta, linear_init_, mark_shard, shard_size
+from ._region import enter_region
 
 
 class _ParallelLinear(_ParallelLayer):
@@ -87,8 +88,12 @@ class ColumnParallelLinear(_ParallelLinear):
         g = self._group()
         if g.size > 1:
             ctx = self._context
-            x = (C.all_gather(x, self.sequence_dim, self.mode, sizes=sequence_sizes, context=ctx)
-                 if self.sequence_parallel else C.copy(x, self.mode, context=ctx))
+            if self.sequence_parallel:  # q, k, v reading one input share one all-gather (see _region)
+                sizes = tuple(sequence_sizes) if isinstance(sequence_sizes, (list, tuple)) else sequence_sizes
+                x = enter_region(x, ("all_gather", g, self.sequence_dim, sizes), lambda t: C.all_gather(
+                    t, self.sequence_dim, self.mode, sizes=sequence_sizes, context=ctx))
+            else:
+                x = enter_region(x, ("copy", g), lambda t: C.copy(t, self.mode, context=ctx), aliases_input=True)
         y = F.linear(x, self.weight, self.bias)
         if self.gather_output and g.size > 1:
             y = C.gather(y, -1, self.mode, sizes=self.out_features, context=self._context)
