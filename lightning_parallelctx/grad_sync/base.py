@@ -59,7 +59,16 @@ class GradientHandler(SyncSwitch, ABC):
     - ``handler.finish()`` after the backward pass and before gradient clipping / the optimizer
       step: on return every gradient is synchronised. Idempotent, and safe when no backward ran.
     - ``handler.remove()`` to detach from the module.
+
+    The strategy calls ``finish()`` after every backward pass (before ``on_after_backward`` and
+    before ``manual_backward`` returns), so a handler whose ``finish`` does the reduction works
+    with manual optimization as it is. A handler that cannot (its reduction needs a forward pass
+    around the backward, as torch's DDP does) sets ``supports_manual_optimization = False`` and
+    the strategy refuses ``automatic_optimization=False`` at the start of fit.
     """
+
+    #: False: refused with ``automatic_optimization=False`` (see above).
+    supports_manual_optimization: bool = True
 
     @abstractmethod
     def setup(self, module: torch.nn.Module, ctx: ParallelContext | None) -> torch.nn.Module:

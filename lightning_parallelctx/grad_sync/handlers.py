@@ -77,7 +77,13 @@ class DDPGradientHandler(GradientHandler):
     for comparison. DDP reduces every parameter over one group, so models with expert or
     (with TENSOR > 1) sequence-parallel parameters are refused; use ``"bucketed"`` for those.
     ``setup`` returns the DDP wrapper; the original module is ``handler.module``.
+
+    Not for manual optimization: there ``manual_backward`` runs inside ``training_step``, i.e.
+    inside DDP's forward, before DDP has prepared its reducer for a backward pass (torch then fails
+    with "initialize_buckets must NOT be called during autograd execution").
     """
+
+    supports_manual_optimization = False
 
     def __init__(self, bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = False,
                  find_unused_parameters: bool = False, static_graph: bool = False,
