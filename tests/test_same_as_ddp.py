@@ -158,6 +158,18 @@ def _module_class() -> type:
                 # Editing gradients here is only safe when they are final on every replica.
                 torch.nn.utils.clip_grad_value_(self.net.parameters(), 0.01)
 
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            # The whole model's gradient norm: the library's grad_norm under our strategy (Lightning's
+            # utility would report this rank's shards only), Lightning's utility under DDP.
+            if hasattr(self, "parallel_context"):
+                from lightning_parallelctx.lightning import grad_norm
+
+                self._note("grad_norm", grad_norm(self.parameters(), self.parallel_context))
+            else:
+                from lightning.pytorch.utilities import grad_norm
+
+                self._note("grad_norm", grad_norm(self, norm_type=2)["grad_2.0_norm_total"])
+
         def on_train_epoch_end(self) -> None:
             self.log("metric_sum", self.metric.compute())
             self.metric.reset()
