@@ -251,6 +251,11 @@ def _run_tp(rank: int, world: int) -> dict[str, Any]:
     for flow in ("manual", "manual-acc", "auto"):
         for name, strategy in _strategies(tp=True):
             out[f"{flow}/{name}"] = _attempt(_fit, strategy, flow, world, tp=True, perturb=flow == "auto")
+            if name == "ours":
+                # Early stopping / checkpoint votes go over every rank, not the default data group.
+                out["votes"] = (strategy.reduce_boolean_decision(rank == 0, all=True),
+                                strategy.reduce_boolean_decision(rank == 3, all=False),
+                                strategy.reduce_boolean_decision(True, all=True))
     return out
 
 
@@ -332,3 +337,7 @@ def test_ddp_handler_refuses_manual_optimization_on_every_rank(dp_results: list[
         error = res["ddp-handler-manual"].get("error", "")
         assert "ParallelConfigError" in error and "does not support manual optimization" in error, error
         assert "gradient_handler='bucketed'" in error
+
+
+def test_boolean_decisions_vote_over_every_rank(tp_results: list[dict[str, Any]]) -> None:
+    assert [r["votes"] for r in tp_results] == [(False, True, True)] * 4
