@@ -95,8 +95,10 @@ class ParallelCtxStrategy(ParallelStrategy):
             signature before building it. From Python, such a mapping is accepted too. A handler
             instance is a template: each ``fit`` trains with a fresh copy of it.
         launcher: ``"auto"`` (detect), ``"local"`` or a launcher name; see :class:`ParallelCtxEnvironment`.
-        sync_initial_weights: at the start of ``fit``, copy the first replica's parameters to the other
-            replicas of the same shard (as DDP does, but never across shards).
+        sync_initial_weights: at the start of ``fit``, copy parameters not marked tensor-parallel from
+            the first TENSOR rank, then every parameter and buffer from the first replica to the other
+            replicas of the same shard (as DDP does, but never across shards). Buffers are broadcast
+            again before training forwards as DDP's ``broadcast_buffers=True`` does, whatever this says.
         process_group_backend: ``"gloo"``/``"nccl"``; default from the device.
         timeout: seconds before a collective is declared hung.
         cluster_environment: a Lightning ``ClusterEnvironment`` instead of ``ParallelCtxEnvironment``.
