@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from lightning_parallelctx.grad_sync import BucketedGradientHandler
 from lightning_parallelctx.testing import spawn
 
 pytestmark = pytest.mark.timeout(600)
@@ -221,6 +222,12 @@ def _strategies(tp: bool) -> list[tuple[str, Any]]:
     return [("ours", ours), ("ddp", DDPStrategy())]
 
 
+class NoManualHandler(BucketedGradientHandler):
+    """A handler that declares it cannot synchronise manual optimization."""
+
+    supports_manual_optimization = False
+
+
 def _attempt(fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     # A flow that raises the same error on every rank fails its own test, not the others'.
     import traceback
@@ -241,8 +248,14 @@ def _run_dp(rank: int, world: int) -> dict[str, Any]:
 
     out["syncbn"] = _attempt(_fit, ParallelCtxStrategy(print_layout=False), "auto", world, batchnorm=True,
                              sync_batchnorm=True)
-    out["ddp-handler-manual"] = _attempt(_fit, ParallelCtxStrategy(gradient_handler="ddp", print_layout=False),
-                                         "manual", world)
+    # torch's DDP as the gradient handler: manual optimization (its reducer is prepared before each
+    # manual_backward) and its own buffer broadcast.
+    out["manual/ours-ddp-handler"] = _attempt(_fit, ParallelCtxStrategy(gradient_handler="ddp", print_layout=False),
+                                              "manual", world)
+    out["auto/ours-ddp-handler"] = _attempt(_fit, ParallelCtxStrategy(gradient_handler="ddp", print_layout=False),
+                                            "auto", world, batchnorm=True, val=True, perturb=True)
+    out["refused"] = _attempt(_fit, ParallelCtxStrategy(gradient_handler=NoManualHandler(), print_layout=False),
+                              "manual", world)
     return out
 
 
@@ -269,9 +282,9 @@ def tp_results() -> list[dict[str, Any]]:
     return spawn(_run_tp, 4, timeout=500)
 
 
-def _compare(results: list[dict[str, Any]], flow: str) -> None:
+def _compare(results: list[dict[str, Any]], flow: str, ours_name: str = "ours") -> None:
     for rank, res in enumerate(results):
-        ours, ddp = res[f"{flow}/ours"], res[f"{flow}/ddp"]
+        ours, ddp = res[f"{flow}/{ours_name}"], res[f"{flow}/ddp"]
         assert "error" not in ours and "error" not in ddp, ours.get("error") or ddp.get("error")
         assert ours["state"].keys() == ddp["state"].keys()
         for key in ddp["state"]:
@@ -332,11 +345,16 @@ def test_sync_batchnorm_matches_one_process_on_the_whole_batch(dp_results: list[
         assert run["state"]["1.num_batches_tracked"].item() == STEPS
 
 
-def test_ddp_handler_refuses_manual_optimization_on_every_rank(dp_results: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize("flow", ["manual", "auto"])
+def test_ddp_gradient_handler_same_as_ddp_on_every_rank(dp_results: list[dict[str, Any]], flow: str) -> None:
+    _compare(dp_results, flow, ours_name="ours-ddp-handler")
+
+
+def test_handler_without_manual_support_is_refused_on_every_rank(dp_results: list[dict[str, Any]]) -> None:
     for res in dp_results:
-        error = res["ddp-handler-manual"].get("error", "")
+        error = res["refused"].get("error", "")
         assert "ParallelConfigError" in error and "does not support manual optimization" in error, error
-        assert "gradient_handler='bucketed'" in error
+        assert "gradient handler NoManualHandler" in error and "use gradient_handler='bucketed'" in error
 
 
 def test_boolean_decisions_vote_over_every_rank(tp_results: list[dict[str, Any]]) -> None:

@@ -62,9 +62,10 @@ class GradientHandler(SyncSwitch, ABC):
 
     The strategy calls ``finish()`` after every backward pass (before ``on_after_backward`` and
     before ``manual_backward`` returns), so a handler whose ``finish`` does the reduction works
-    with manual optimization as it is. A handler that cannot (its reduction needs a forward pass
-    around the backward, as torch's DDP does) sets ``supports_manual_optimization = False`` and
-    the strategy refuses ``automatic_optimization=False`` at the start of fit.
+    with manual optimization as it is. With manual optimization the backward runs inside the
+    training step (inside a wrapper's forward): the strategy calls ``before_backward(loss)`` first.
+    A handler that cannot work that way sets ``supports_manual_optimization = False``, and the
+    strategy refuses ``automatic_optimization=False`` at the start of fit.
     """
 
     #: False: refused with ``automatic_optimization=False`` (see above).
@@ -78,6 +79,9 @@ class GradientHandler(SyncSwitch, ABC):
     def finish(self) -> None:
         """Wait until every gradient of the last synchronising backward is reduced."""
 
+
+    def before_backward(self, loss: torch.Tensor) -> None:
+        """Called before a backward pass that runs inside the training step (manual optimization)."""
 
     def remove(self) -> None:
         """Detach from the module (remove hooks). Safe to call twice."""

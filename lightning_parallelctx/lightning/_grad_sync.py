@@ -45,9 +45,8 @@ def check_manual_optimization(handler: GradientHandler, module: Any) -> None:
     if getattr(module, "automatic_optimization", True) or handler.supports_manual_optimization:
         return
     raise ParallelConfigError(
-        f"gradient_handler={handler!r} does not support manual optimization "
-        f"({type(module).__name__}.automatic_optimization=False): torch's DDP must see the forward pass "
-        f"around each backward, but manual_backward runs inside training_step. Fix: use "
-        f"gradient_handler='bucketed' (the default) or 'allreduce', which synchronise after every "
-        f"manual_backward outside no_sync"
+        f"gradient handler {type(handler).__name__} ({handler!r}) does not support manual optimization "
+        f"({type(module).__name__}.automatic_optimization=False): it declares supports_manual_optimization="
+        f"False. Fix: use gradient_handler='bucketed' (the default), 'allreduce' or 'ddp', which synchronise "
+        f"after every manual_backward outside no_sync, or set automatic_optimization=True"
     )

@@ -33,6 +33,7 @@ from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch.strategies.launchers.subprocess_script import (
     _SubprocessScriptLauncher,
 )
+from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
@@ -173,6 +174,9 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._context: ParallelContext | None = None
         self._grad_handler: Any = None
         self._buffer_sync: ReplicaBufferSync | None = None
+        # With gradient_handler="ddp" and manual optimization, DDP's post-forward must not prepare a
+        # second backward after training_step (Lightning's DDPStrategy does the same).
+        self._forward_redirection = _DDPForwardRedirection()
         self.num_nodes = 1
 
     # ------------------------------------------------------------------ the context
@@ -309,7 +313,8 @@ class ParallelCtxStrategy(ParallelStrategy):
             handler = self._grad_handler = make_gradient_handler(self._gradient_handler_spec)
             check_manual_optimization(handler, module)
             self.model = handler.setup(self.model, ctx)
-            self._buffer_sync = ReplicaBufferSync(module, ctx, lambda: handler.require_sync)
+            if not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):  # DDP broadcasts its own
+                self._buffer_sync = ReplicaBufferSync(module, ctx, lambda: handler.require_sync)
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
             self._install_sharded_clipping()
@@ -344,6 +349,11 @@ class ParallelCtxStrategy(ParallelStrategy):
             return
         with self._grad_handler.no_sync():
             yield None
+
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        assert self.lightning_module is not None
+        if self._grad_handler is not None and not self.lightning_module.automatic_optimization:
+            self._grad_handler.before_backward(closure_loss)  # the backward runs inside training_step
 
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
         # Lightning's Strategy.backward with one line added: the gradients are final (outside
