@@ -210,7 +210,8 @@ def _fit(strategy: Any, flow: str, devices: int, tp: bool = False, batchnorm: bo
     else:
         state = {k: v.detach().clone() for k, v in model.net.state_dict().items()}
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    return {"state": state, "logged": logged, "seen": model.seen}
+    layers = sorted({type(m).__name__ for m in model.net.modules()})
+    return {"state": state, "logged": logged, "seen": model.seen, "layers_after_fit": layers}
 
 
 def _strategies(tp: bool) -> list[tuple[str, Any]]:
@@ -343,6 +344,8 @@ def test_sync_batchnorm_matches_one_process_on_the_whole_batch(dp_results: list[
             assert torch.allclose(got, expected.double(), atol=1e-5, rtol=0), (
                 f"rank {rank} {key}: max diff {(got - expected.double()).abs().max():.3g}")
         assert run["state"]["1.num_batches_tracked"].item() == STEPS
+        # Converted for fit only, as DDPStrategy does: a plain BatchNorm afterwards.
+        assert "GroupSyncBatchNorm" not in run["layers_after_fit"] and "_BatchNormXd" in run["layers_after_fit"]
 
 
 @pytest.mark.parametrize("flow", ["manual", "auto"])

@@ -19,7 +19,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["GroupSyncBatchNorm", "convert_sync_batchnorm"]
+__all__ = ["GroupSyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+
+_CONVERTED = "_pctx_converted_from"  # set on layers we converted: only those are reverted
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -99,6 +101,7 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any, device: 
         new.running_var = module.running_var
         new.num_batches_tracked = module.num_batches_tracked
         new.training = module.training
+        setattr(new, _CONVERTED, True)
         if hasattr(module, "qconfig"):
             new.qconfig = module.qconfig
         return new
@@ -108,3 +111,31 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any, device: 
             module.add_module(name, converted)
     return module
 
+
+
+class _BatchNormXd(_BatchNorm):
+    """A plain BatchNorm for any input rank (what a synchronised layer becomes again)."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        return None
+
+
+def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`convert_sync_batchnorm` at the end of fit, as Lightning's DDPStrategy does: the
+    layers it converted become plain BatchNorm again, with the same parameters and buffers."""
+    if getattr(module, _CONVERTED, False):
+        assert isinstance(module, _BatchNorm)
+        new = _BatchNormXd(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        if module.affine:
+            new.weight = module.weight
+            new.bias = module.bias
+        new.running_mean = module.running_mean
+        new.running_var = module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
+        new.training = module.training
+        return new
+    for name, child in module.named_children():
+        reverted = revert_sync_batchnorm(child)
+        if reverted is not child:
+            module.add_module(name, reverted)
+    return module

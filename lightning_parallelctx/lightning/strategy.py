@@ -50,7 +50,7 @@ from ..layout import RankLayout
 from ..mode import ParallelMode
 from . import checkpoint as _ckpt
 from ._grad_sync import GradientHandler, check_gradient_handler_spec, check_manual_optimization, make_gradient_handler
-from .batchnorm import convert_sync_batchnorm
+from .batchnorm import convert_sync_batchnorm, revert_sync_batchnorm
 from .environment import LAUNCHERS, ParallelCtxEnvironment
 from .grad_norm import clip_grad_norm_
 from .reductions import DEFAULT_REDUCTION_MODE, default_metric_groups, resolve_group
@@ -459,6 +459,8 @@ class ParallelCtxStrategy(ParallelStrategy):
             self._grad_handler.remove()
             self._grad_handler = None
         self._buffer_sync = None
+        if self._layer_sync is not None and self.lightning_module is not None:
+            revert_sync_batchnorm(self.lightning_module)  # as DDPStrategy does after fit
         # The context outlives this fit: the next fit/validate/test/predict reuses it (TRAPS.md #7).
         super().teardown()
 
