@@ -99,7 +99,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         sync_initial_weights: at the start of ``fit``, copy parameters not marked tensor-parallel from
             the first TENSOR rank, then every parameter and buffer from the first replica to the other
             replicas of the same shard (as DDP does, but never across shards). Buffers are broadcast
-            again before training forwards as DDP's ``broadcast_buffers=True`` does, whatever this says.
+            again before training forwards, as with DDP's ``broadcast_buffers=True``, whatever this flag.
         process_group_backend: ``"gloo"``/``"nccl"``; default from the device.
         timeout: seconds before a collective is declared hung.
         cluster_environment: a Lightning ``ClusterEnvironment`` instead of ``ParallelCtxEnvironment``.
@@ -306,7 +306,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         module = self.lightning_module
         assert module is not None
         if fitting:
-            if self._layer_sync is not None:  # Trainer(sync_batchnorm=True): over the data shards, on CPU too
+            if self._layer_sync is not None:  # Trainer(sync_batchnorm=True): over the data ranks, on CPU too
                 self.model = convert_sync_batchnorm(self.model, ctx.get_group(DEFAULT_REDUCTION_MODE), self.root_device)
             if self._sync_initial_weights:
                 sync_replicas_at_fit_start(module, ctx)
