@@ -262,7 +262,7 @@ def _run_dp(rank: int, world: int) -> dict[str, Any]:
 
 def _run_tp(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for flow in ("manual", "manual-acc", "auto"):
+    for flow in ("manual", "manual-acc", "manual-acc-toggle", "auto"):
         for name, strategy in _strategies(tp=True):
             out[f"{flow}/{name}"] = _attempt(_fit, strategy, flow, world, tp=True, perturb=flow == "auto")
             if name == "ours":
@@ -307,7 +307,7 @@ def test_data_parallel_same_as_ddp_on_every_rank(dp_results: list[dict[str, Any]
     _compare(dp_results, flow)
 
 
-@pytest.mark.parametrize("flow", ["manual", "manual-acc", "auto"])
+@pytest.mark.parametrize("flow", ["manual", "manual-acc", "manual-acc-toggle", "auto"])
 def test_tp2_dp2_same_as_ddp_on_every_rank(tp_results: list[dict[str, Any]], flow: str) -> None:
     _compare(tp_results, flow)
 

@@ -99,7 +99,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         sync_initial_weights: at the start of ``fit``, copy parameters not marked tensor-parallel from
             the first TENSOR rank, then every parameter and buffer from the first replica to the other
             replicas of the same shard (as DDP does, but never across shards). Buffers are broadcast
-            again before training forwards, as with DDP's ``broadcast_buffers=True``, whatever this flag.
+            again before training forwards, as with DDP's ``broadcast_buffers=True``, whatever the value here.
         process_group_backend: ``"gloo"``/``"nccl"``; default from the device.
         timeout: seconds before a collective is declared hung.
         cluster_environment: a Lightning ``ClusterEnvironment`` instead of ``ParallelCtxEnvironment``.
