@@ -270,6 +270,11 @@ def _run_tp(rank: int, world: int) -> dict[str, Any]:
                 out["votes"] = (strategy.reduce_boolean_decision(rank == 0, all=True),
                                 strategy.reduce_boolean_decision(rank == 3, all=False),
                                 strategy.reduce_boolean_decision(True, all=True))
+                # The default group is the 2 data shards; a mode name picks another (docs/lightning.md).
+                out["groups"] = (float(strategy.reduce(torch.tensor(1.0), reduce_op="sum")),  # (reduces in place)
+                                 float(strategy.reduce(torch.tensor(1.0), group="global", reduce_op="sum")),
+                                 float(strategy.reduce(torch.tensor(1.0), group="tensor", reduce_op="sum")),
+                                 tuple(strategy.all_gather(torch.tensor([rank])).flatten().tolist()))
     return out
 
 
@@ -362,3 +367,8 @@ def test_handler_without_manual_support_is_refused_on_every_rank(dp_results: lis
 
 def test_boolean_decisions_vote_over_every_rank(tp_results: list[dict[str, Any]]) -> None:
     assert [r["votes"] for r in tp_results] == [(False, True, True)] * 4
+
+
+def test_default_reduction_group_and_mode_names(tp_results: list[dict[str, Any]]) -> None:
+    # tp2 x dp2, rank = 2 * dp + tp: the data group of rank r is {r % 2, r % 2 + 2}.
+    assert [r["groups"] for r in tp_results] == [(2.0, 4.0, 2.0, (r % 2, r % 2 + 2)) for r in range(4)]
