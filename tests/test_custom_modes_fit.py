@@ -64,14 +64,20 @@ def _fit_with_registered_mode(rank: int, world: int, root: str) -> list[int]:
         model = GPTLightning(vocab_size=32, seq_len=8, d_model=16, n_heads=2, n_layers=1)
         trainer.fit(model, GPTDataModule(vocab_size=32, seq_len=8, num_samples=64, global_batch_size=4))
         ctx = model.parallel_context
-        assert trainer.callback_metrics["loss_even_odd"] > 0
-        return ctx.get_ranks_in_group("even_odd")
+        # tp2 x dp2 with rank = 2 * dp + tp: even/odd ranks are the data groups, so the loss averaged
+        # over the plug-in group is the global batch's loss, i.e. the sync_dist train_loss.
+        return ctx.get_ranks_in_group("even_odd"), float(trainer.callback_metrics["loss_even_odd"]), \
+            float(trainer.callback_metrics["train_loss"])
     finally:
         unregister_mode("even_odd")
 
 
 def test_mode_registered_from_python_through_fit(tmp_path: Path):
-    assert spawn(_fit_with_registered_mode, 4, str(tmp_path), timeout=300) == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    results = spawn(_fit_with_registered_mode, 4, str(tmp_path), timeout=300)
+    assert [groups for groups, _, _ in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    for rank, (_, group_loss, train_loss) in enumerate(results):
+        assert abs(group_loss - train_loss) < 1e-6, (rank, group_loss, train_loss)
+    assert len({round(loss, 6) for _, loss, _ in results}) == 1  # the same on every rank
 
 
 class Overlapping(ProcessGroupInitializer):

@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
 from examples.gpt.data import GPTDataModule
 from examples.gpt.model import GPTLightning
 from lightning_parallelctx import ParallelCtxStrategy
-from lightning_parallelctx.markers import is_expert
+from lightning_parallelctx.markers import is_expert, is_tensor_parallel
 from lightning_parallelctx.testing import spawn
 
 
@@ -34,11 +34,12 @@ class Diverged(GPTLightning):
 
 
 class WeightsAtFitStart(pl.Callback):
-    """Gathers every rank's dense and expert weights as training is about to start."""
+    """Gathers every rank's dense, expert and tensor-replicated weights as training is about to start."""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.weights = {}
-        for kind, keep in (("dense", lambda p: not is_expert(p)), ("expert", is_expert)):
+        for kind, keep in (("dense", lambda p: not is_expert(p)), ("expert", is_expert),
+                           ("replicated", lambda p: not is_tensor_parallel(p))):
             params = [p.detach().reshape(-1) for p in pl_module.parameters() if keep(p)]
             flat = torch.cat(params) if params else torch.zeros(0)
             everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
@@ -58,9 +59,15 @@ def _weights_at_fit_start(rank: int, world: int, root: str, sizes: dict, experts
 
 def test_tensor_parallel_replicas_synced_shards_kept(tmp_path: Path) -> None:
     # tp2-dp2: ranks 0/1 hold different shards; 0/2 and 1/3 are replicas of one shard.
-    w = spawn(_weights_at_fit_start, 4, str(tmp_path), {"tensor_parallel_size": 2}, 0, timeout=300)[0]["dense"]
+    got = spawn(_weights_at_fit_start, 4, str(tmp_path), {"tensor_parallel_size": 2}, 0, timeout=300)[0]
+    w = got["dense"]
     assert torch.equal(w[0], w[2]) and torch.equal(w[1], w[3])
+    # Shards stay shards (a broadcast over TENSOR would have made them equal).
     assert not torch.equal(w[0], w[1]) and not torch.equal(w[2], w[3])
+    # LayerNorms, row-parallel biases, ...: replicated over TENSOR too, so equal on all 4 ranks,
+    # although every rank perturbed them differently (they get no gradient reduction over TENSOR).
+    r = got["replicated"]
+    assert r[0].numel() > 0 and all(torch.equal(r[0], r[k]) for k in (1, 2, 3))
 
 
 def test_expert_replicas_synced_experts_kept(tmp_path: Path) -> None:

@@ -88,6 +88,19 @@ def test_strategy_launched_cli_yaml(strategy_launched_loss: str) -> None:
 
 
 @pytest.mark.timeout(FIXTURE_RUN_TEST_TIMEOUT)
+def test_strategy_launched_matches_one_process(strategy_launched_loss: str) -> None:
+    # The same config, seed and global batch on one process (every size 1): tp2 x dp2 must train the
+    # same model, not merely "a model whose loss falls" (6 printed digits; fp32 sums in another order).
+    one = ["--trainer.devices=1", "--trainer.strategy.init_args.tensor_parallel_size=1",
+           "--trainer.strategy.init_args.data_parallel_size=1"]
+    out = run([sys.executable, *FIT, *one])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    found = re.findall(rf"final loss: ([0-9.]+) \(step {STEPS}\)", out.stdout + out.stderr)
+    assert len(found) == 1, (out.stdout + out.stderr)[-4000:]
+    assert abs(float(found[0]) - float(strategy_launched_loss)) < 2e-5, (found[0], strategy_launched_loss)
+
+
+@pytest.mark.timeout(FIXTURE_RUN_TEST_TIMEOUT)
 def test_consolidate_command(strategy_launched: tuple[str, Path], tmp_path: Path) -> None:
     """The sharded checkpoint of the 4-process run becomes one file a single process loads."""
     import torch

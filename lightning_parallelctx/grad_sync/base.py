@@ -59,7 +59,17 @@ class GradientHandler(SyncSwitch, ABC):
     - ``handler.finish()`` after the backward pass and before gradient clipping / the optimizer
       step: on return every gradient is synchronised. Idempotent, and safe when no backward ran.
     - ``handler.remove()`` to detach from the module.
+
+    The strategy calls ``finish()`` after every backward pass (before ``on_after_backward`` and
+    before ``manual_backward`` returns), so a handler whose ``finish`` does the reduction works
+    with manual optimization as it is. With manual optimization the backward runs inside the
+    training step (inside a wrapper's forward): the strategy calls ``before_backward(loss)`` first.
+    A handler that cannot work that way sets ``supports_manual_optimization = False``, and the
+    strategy refuses ``automatic_optimization=False`` at the start of fit.
     """
+
+    #: False: refused with ``automatic_optimization=False`` (see above).
+    supports_manual_optimization: bool = True
 
     @abstractmethod
     def setup(self, module: torch.nn.Module, ctx: ParallelContext | None) -> torch.nn.Module:
@@ -69,6 +79,9 @@ class GradientHandler(SyncSwitch, ABC):
     def finish(self) -> None:
         """Wait until every gradient of the last synchronising backward is reduced."""
 
+
+    def before_backward(self, loss: torch.Tensor) -> None:
+        """Called before a backward pass that runs inside the training step (manual optimization)."""
 
     def remove(self) -> None:
         """Detach from the module (remove hooks). Safe to call twice."""

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.parallel.distributed import _find_tensors
 
 from ..errors import ParallelCtxError
 from ..markers import is_expert, is_sequence_parallel
@@ -112,6 +113,21 @@ class DDPGradientHandler(GradientHandler):
         self.module = module
         self.ddp = torch.nn.parallel.DistributedDataParallel(module, process_group=group, **self.ddp_kwargs)
         return self.ddp
+
+    def before_backward(self, loss: torch.Tensor) -> None:
+        # Manual optimization runs backward inside training_step, i.e. inside DDP's forward, before
+        # DDP's post-forward has prepared the reducer (torch: "initialize_buckets must NOT be called
+        # during autograd execution"). Prepare it here, as Lightning's DDPStrategy.pre_backward does.
+        ddp = self.ddp
+        if ddp is None:
+            return
+        if torch.is_grad_enabled() and ddp.require_backward_grad_sync:
+            ddp.require_forward_param_sync = True
+            find = ddp.find_unused_parameters and not ddp.static_graph
+            ddp.reducer._rebuild_buckets()
+            ddp.reducer.prepare_for_backward(list(_find_tensors(loss)) if find else [])
+        else:
+            ddp.require_forward_param_sync = False
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()

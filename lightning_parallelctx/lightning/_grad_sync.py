@@ -10,9 +10,10 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import ParallelConfigError
 from ..grad_sync import GradientHandler, get_gradient_handler
 
-__all__ = ["GradientHandler", "check_gradient_handler_spec", "make_gradient_handler"]
+__all__ = ["GradientHandler", "check_gradient_handler_spec", "check_manual_optimization", "make_gradient_handler"]
 
 
 def check_gradient_handler_spec(spec: Any) -> None:
@@ -36,3 +37,16 @@ def make_gradient_handler(spec: Any) -> GradientHandler:
     if isinstance(spec, GradientHandler):
         return copy.deepcopy(spec)
     return get_gradient_handler(spec)
+
+
+def check_manual_optimization(handler: GradientHandler, module: Any) -> None:
+    """At the start of fit, on every rank alike (no collective, so no rank waits for another):
+    refuse manual optimization with a handler that cannot synchronise it."""
+    if getattr(module, "automatic_optimization", True) or handler.supports_manual_optimization:
+        return
+    raise ParallelConfigError(
+        f"gradient handler {type(handler).__name__} ({handler!r}) does not support manual optimization "
+        f"({type(module).__name__}.automatic_optimization=False): it declares supports_manual_optimization="
+        f"False. Fix: use gradient_handler='bucketed' (the default), 'allreduce' or 'ddp', which synchronise "
+        f"after every manual_backward outside no_sync, or set automatic_optimization=True"
+    )

@@ -33,13 +33,13 @@ from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch.strategies.launchers.subprocess_script import (
     _SubprocessScriptLauncher,
 )
+from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim import Optimizer
 
 from ..context import ParallelContext, _live_context
@@ -49,9 +49,12 @@ from ..initializers import mode_groups_for, resolve_initializer
 from ..layout import RankLayout
 from ..mode import ParallelMode
 from . import checkpoint as _ckpt
-from ._grad_sync import GradientHandler, check_gradient_handler_spec, make_gradient_handler
+from ._grad_sync import GradientHandler, check_gradient_handler_spec, check_manual_optimization, make_gradient_handler
+from .batchnorm import convert_sync_batchnorm, revert_sync_batchnorm
 from .environment import LAUNCHERS, ParallelCtxEnvironment
 from .grad_norm import clip_grad_norm_
+from .reductions import DEFAULT_REDUCTION_MODE, default_metric_groups, resolve_group
+from .replicas import ReplicaBufferSync, sync_replicas_at_fit_start
 
 _SIZE_NAMES = ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size", "expert_parallel_size")
 
@@ -93,8 +96,10 @@ class ParallelCtxStrategy(ParallelStrategy):
             signature before building it. From Python, such a mapping is accepted too. A handler
             instance is a template: each ``fit`` trains with a fresh copy of it.
         launcher: ``"auto"`` (detect), ``"local"`` or a launcher name; see :class:`ParallelCtxEnvironment`.
-        sync_initial_weights: at the start of ``fit``, copy the first replica's parameters to the other
-            replicas of the same shard (as DDP does, but never across shards).
+        sync_initial_weights: at the start of ``fit``, copy parameters not marked tensor-parallel from
+            the first TENSOR rank, then every parameter and buffer from the first replica to the other
+            replicas of the same shard (as DDP does, but never across shards). Buffers are broadcast
+            again before training forwards, as with DDP's ``broadcast_buffers=True``, whatever the value here.
         process_group_backend: ``"gloo"``/``"nccl"``; default from the device.
         timeout: seconds before a collective is declared hung.
         cluster_environment: a Lightning ``ClusterEnvironment`` instead of ``ParallelCtxEnvironment``.
@@ -168,6 +173,10 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._timeout = timedelta(seconds=float(timeout))
         self._context: ParallelContext | None = None
         self._grad_handler: Any = None
+        self._buffer_sync: ReplicaBufferSync | None = None
+        # With gradient_handler="ddp" and manual optimization, DDP's post-forward must not prepare a
+        # second backward after training_step (Lightning's DDPStrategy does the same).
+        self._forward_redirection = _DDPForwardRedirection()
         self.num_nodes = 1
 
     # ------------------------------------------------------------------ the context
@@ -293,15 +302,24 @@ class ParallelCtxStrategy(ParallelStrategy):
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         fitting = trainer.state.fn == TrainerFn.FITTING
+        ctx = self.parallel_context
+        module = self.lightning_module
+        assert module is not None
         if fitting:
+            if self._layer_sync is not None:  # Trainer(sync_batchnorm=True): over the data ranks, on CPU too
+                self.model = convert_sync_batchnorm(self.model, ctx.get_group(DEFAULT_REDUCTION_MODE), self.root_device)
             if self._sync_initial_weights:
-                self._broadcast_within_replicas()
-            self._grad_handler = make_gradient_handler(self._gradient_handler_spec)
-            self.model = self._grad_handler.setup(self.model, self.parallel_context)
+                sync_replicas_at_fit_start(module, ctx)
+            handler = self._grad_handler = make_gradient_handler(self._gradient_handler_spec)
+            check_manual_optimization(handler, module)
+            self.model = handler.setup(self.model, ctx)
+            if not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):  # DDP broadcasts its own
+                self._buffer_sync = ReplicaBufferSync(module, ctx, lambda: handler.require_sync)
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
             self._install_sharded_clipping()
         # Nothing else: validate/test/predict never broadcast weights (TRAPS.md #5).
+        default_metric_groups(module, ctx)
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -309,30 +327,6 @@ class ParallelCtxStrategy(ParallelStrategy):
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
-
-    @torch.no_grad()
-    def _broadcast_within_replicas(self) -> None:
-        """DDP's start-of-training broadcast, but inside each parameter's replica group only."""
-        ctx = self.parallel_context
-        from ..markers import is_expert
-
-        module = self.lightning_module
-        assert module is not None
-        for tensors, mode in (([p for p in module.parameters() if not is_expert(p)] + list(module.buffers()), "dense_replica"),
-                              ([p for p in module.parameters() if is_expert(p)], "expert_replica")):
-            if not tensors or ctx.get_world_size(mode) == 1:
-                continue
-            src = ctx.get_ranks_in_group(mode)[0]
-            group = ctx.get_group(mode)
-            # One flat broadcast per dtype, not one per tensor: a real model has hundreds.
-            by_dtype: dict[torch.dtype, list[Tensor]] = {}
-            for t in tensors:
-                by_dtype.setdefault(t.dtype, []).append(t.data)
-            for same in by_dtype.values():
-                flat = _flatten_dense_tensors(same)
-                dist.broadcast(flat, src=src, group=group)
-                for t, synced in zip(same, _unflatten_dense_tensors(flat, same)):
-                    t.copy_(synced)
 
     def _install_sharded_clipping(self) -> None:
         # The precision plugin clips by the local norm (TRAPS.md #8). Shadowing its method on this
@@ -356,6 +350,37 @@ class ParallelCtxStrategy(ParallelStrategy):
         with self._grad_handler.no_sync():
             yield None
 
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        assert self.lightning_module is not None
+        if self._grad_handler is not None and not self.lightning_module.automatic_optimization:
+            self._grad_handler.before_backward(closure_loss)  # the backward runs inside training_step
+
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        # Lightning's Strategy.backward with one line added: the gradients are final (outside
+        # no_sync) before on_after_backward runs and before manual_backward returns, as with DDP,
+        # so user code that reads, edits or clips them there sees the same numbers on every replica.
+        self.pre_backward(closure_loss)
+        assert self.lightning_module is not None
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        self.precision_plugin.backward(closure_loss, self.lightning_module, optimizer, *args, **kwargs)
+        if self._grad_handler is not None:
+            self._grad_handler.finish()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._forward_buffers():
+            return super().training_step(*args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._forward_buffers():
+            return super().validation_step(*args, **kwargs)
+
+    def _forward_buffers(self) -> contextlib.AbstractContextManager[None]:
+        # DDP's broadcast_buffers=True, during fit only (DDP wraps the model only for fit).
+        return self._buffer_sync.around_forward() if self._buffer_sync is not None else contextlib.nullcontext()
+
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
                        model: pl.LightningModule | torch.nn.Module | None = None, **kwargs: Any) -> Any:
         handler = self._grad_handler
@@ -371,10 +396,9 @@ class ParallelCtxStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ collectives
     def _group(self, group: Any) -> Any:
-        """Collectives accept a process group, or a ParallelMode / its name ("data", "tensor")."""
-        if isinstance(group, (ParallelMode, str)):
-            return self.parallel_context.get_group(group)
-        return group
+        """Collectives accept a process group, or a ParallelMode / its name ("data", "tensor");
+        the default (None, WORLD) is the ranks holding distinct data, so each sample counts once."""
+        return resolve_group(group, self.parallel_context)
 
     def reduce(self, tensor: Tensor | Any, group: Any | None = None,
                reduce_op: ReduceOp | str | None = "mean") -> Tensor:
@@ -384,6 +408,12 @@ class ParallelCtxStrategy(ParallelStrategy):
 
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
         return super().all_gather(tensor, group=self._group(group), sync_grads=sync_grads)
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        # Every rank votes (early stopping, checkpoint decisions), not only the data shards.
+        votes = torch.tensor(int(decision), device=self.root_device)
+        votes = _sync_ddp_if_available(votes, None, reduce_op=ReduceOp.SUM)
+        return bool(votes == self.world_size) if all else bool(votes)
 
     def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
         if not _distributed_is_initialized():
@@ -428,6 +458,9 @@ class ParallelCtxStrategy(ParallelStrategy):
         if self._grad_handler is not None:
             self._grad_handler.remove()
             self._grad_handler = None
+        self._buffer_sync = None
+        if self._layer_sync is not None and self.lightning_module is not None:
+            revert_sync_batchnorm(self.lightning_module)  # as DDPStrategy does after fit
         # The context outlives this fit: the next fit/validate/test/predict reuses it (TRAPS.md #7).
         super().teardown()
 
