@@ -30,9 +30,6 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH, ReduceOp
-from lightning.pytorch.strategies.launchers.subprocess_script import (
-    _SubprocessScriptLauncher,
-)
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
@@ -51,6 +48,7 @@ from ..mode import ParallelMode
 from . import checkpoint as _ckpt
 from ._grad_sync import GradientHandler, check_gradient_handler_spec, make_gradient_handler
 from .environment import LAUNCHERS, ParallelCtxEnvironment
+from .fault_guard import FitGuard, ParallelCtxLauncher, die_with_launcher, quietly
 from .grad_norm import clip_grad_norm_
 
 _SIZE_NAMES = ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size", "expert_parallel_size")
@@ -168,6 +166,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._timeout = timedelta(seconds=float(timeout))
         self._context: ParallelContext | None = None
         self._grad_handler: Any = None
+        self._faults = FitGuard()
         self.num_nodes = 1
 
     # ------------------------------------------------------------------ the context
@@ -255,9 +254,10 @@ class ParallelCtxStrategy(ParallelStrategy):
             # torchrun/srun/mpirun started us: no launcher (it would start copies), but check what
             # they started, which Lightning never does without a launcher (LAUNCHERS.md).
             env.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+            die_with_launcher()  # a child of our own launcher must not outlive it
         else:
             # Without a launcher `devices=N` silently runs one process (TRAPS.md #1).
-            self._launcher = _SubprocessScriptLauncher(env, self.num_processes, self.num_nodes)
+            self._launcher = ParallelCtxLauncher(env, self.num_processes, self.num_nodes)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -286,6 +286,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         # Before the setup()/configure_model() hooks; deepcopy/pickle-safe (TRAPS.md #9).
         self.lightning_module.parallel_context = ctx
+        self._faults.arm(self.cluster_environment.main_address, self.cluster_environment.main_port)
 
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
@@ -423,11 +424,18 @@ class ParallelCtxStrategy(ParallelStrategy):
             elif path.exists() or path.is_symlink():
                 path.unlink()
 
-    # ------------------------------------------------------------------ teardown
+    # ------------------------------------------------------------------ failures and teardown
+    def on_exception(self, exception: BaseException) -> None:
+        # Names the rank that failed first on every rank, ends our children (fault_guard.py).
+        ctx = self._context if self._context is not None and not self._context.is_destroyed else None
+        self._faults.on_exception(exception, ctx, self._launcher)
+
     def teardown(self) -> None:
         if self._grad_handler is not None:
-            self._grad_handler.remove()
+            with quietly(self._faults.failed, "removing the gradient hooks"):
+                self._grad_handler.remove()
             self._grad_handler = None
+        self._faults.disarm()  # after the removal: a removal stuck on a dead peer is still ended
         # The context outlives this fit: the next fit/validate/test/predict reuses it (TRAPS.md #7).
         super().teardown()
 
