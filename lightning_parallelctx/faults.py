@@ -81,6 +81,7 @@ class FaultRecord:
     error: str
     comm: bool  # a communication error: probably a consequence of another rank's failure
     order: int = 0  # 1 for the first rank to report, 2 for the next, ...
+    time: float = 0.0  # when it failed (seconds since the epoch)
     #: "mode(s) ranks" -> number of collectives this rank had issued on that group when it failed
     positions: dict[str, int] = field(default_factory=dict)
 
@@ -173,17 +174,22 @@ class FaultBoard:
 
 def make_record(rank: int, exc: BaseException, positions: Mapping[str, int]) -> FaultRecord:
     return FaultRecord(rank=rank, pid=os.getpid(), host=socket.gethostname(), error=describe(exc),
-                       comm=is_comm_error(exc), positions=dict(positions))
+                       comm=is_comm_error(exc), time=time.time(), positions=dict(positions))
+
+
+def first_failure(records: Mapping[int, FaultRecord]) -> FaultRecord | None:
+    """The record of the rank that failed first with an error of its own, if any."""
+    roots = sorted((r for r in records.values() if not r.comm), key=lambda r: r.order)
+    return roots[0] if roots else None
 
 
 def explain(me: FaultRecord, world_size: int, records: Mapping[int, FaultRecord], store_reachable: bool = True) -> str:
     """The note a failing rank adds to its exception: who failed first, and who never answered."""
     head = f"{TAG} rank {me.rank} of {world_size} (pid {me.pid} on {me.host})"
-    roots = sorted((r for r in records.values() if not r.comm), key=lambda r: r.order)
+    first = first_failure(records)
     if not me.comm:
         return f"{head} failed with this error; the other ranks stop because of it."
-    if roots:
-        first = roots[0]
+    if first is not None:
         return (f"{head} stopped because rank {first.rank} (pid {first.pid} on {first.host}) failed first with "
                 f"{first.error}. Look there for the cause; this rank's error is a consequence.")
     if not store_reachable:

@@ -35,8 +35,8 @@ def test_explain_names_the_first_failure_and_the_silent_ranks() -> None:
     assert "rank 0 of 4 (pid 10 on n0) stopped because rank 2 (pid 12 on n2) failed first with ValueError: boom" in text
     assert "failed with this error" in explain(root, 4, {2: root})
     # Nobody raised: the ranks that never reported, and where each group stopped.
-    a = FaultRecord(0, 10, "n0", "RuntimeError: Timed out", True, 1, {"world/data [0, 1, 2, 3]": 7, "tensor [0, 1]": 3})
-    b = FaultRecord(1, 11, "n0", "RuntimeError: Timed out", True, 2, {"world/data [0, 1, 2, 3]": 6, "tensor [0, 1]": 3})
+    a = FaultRecord(0, 10, "n0", "RuntimeError: Timed out", True, 1, positions={"world/data [0, 1, 2, 3]": 7, "tensor [0, 1]": 3})
+    b = FaultRecord(1, 11, "n0", "RuntimeError: Timed out", True, 2, positions={"world/data [0, 1, 2, 3]": 6, "tensor [0, 1]": 3})
     text = explain(a, 4, {0: a, 1: b})
     assert "ranks that never reported (hung, killed, or exited without a Python error): [2, 3]" in text
     assert "group world/data [0, 1, 2, 3]: ranks [0] waited in collective #7; never joined: [1, 2, 3] (rank 1 at #6)" in text

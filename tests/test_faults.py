@@ -7,6 +7,7 @@ it had one). tests/scripts/fault_fit.py is the job; it writes each process's pid
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sbatch_and_wait
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "fault_fit.py"
@@ -43,11 +45,15 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def fault_args(fault: str, rank: int, pids: Path, devices: int = 2, step: int = 2) -> list[str]:
+    return [str(SCRIPT), "--fault", fault, "--rank", str(rank), "--step", str(step), "--devices", str(devices),
+            "--timeout", str(TIMEOUT), "--pids", str(pids)]
+
+
 def run_fault(tmp_path: Path, fault: str, rank: int, devices: int = 2, step: int = 2,
-              prefix: list[str] | None = None, extra: list[str] | None = None) -> tuple[int, str, float]:
+              prefix: list[str] | None = None) -> tuple[int, str, float]:
     pids = tmp_path / "pids"
-    cmd = [*(prefix or [sys.executable]), str(SCRIPT), "--fault", fault, "--rank", str(rank), "--step", str(step),
-           "--devices", str(devices), "--timeout", str(TIMEOUT), "--pids", str(pids), *(extra or [])]
+    cmd = [*(prefix or [sys.executable]), *fault_args(fault, rank, pids, devices, step)]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -132,3 +138,139 @@ def test_child_never_reaches_the_rendezvous(tmp_path: Path) -> None:
     assert code != 0
     tail = last_lines(out, 4)
     assert "not every rank reached the rendezvous" in tail and "1/2 clients joined" in out, tail
+
+
+# ------------------------------------------------------------------------ external launchers
+# torchrun's and mpirun's own summaries come last; the last lines before them must be ours.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@pytest.mark.launcher
+@pytest.mark.timeout(LIMIT + 30)
+@pytest.mark.parametrize("fault, expected", [
+    ("raise", r"ValueError: injected failure at step 2\n\s*\[lightning_parallelctx\] rank 1 of 2 .*failed with this error"),
+    ("hang", r"\[lightning_parallelctx\] group world\S* \[0, 1\]: ranks \[0\] waited in collective #\d+; never joined: \[1\]"),
+])
+def test_torchrun(tmp_path: Path, fault: str, expected: str) -> None:
+    code, out, _ = run_fault(tmp_path, fault, rank=1, prefix=TORCHRUN)
+    assert code != 0
+    # torchrun's "Root Cause (first observed failure)" shows rank 1's traceback, with our note
+    # (we write the error file torchrun reads), not "error_file: <N/A>".
+    root_cause = out[out.rindex("Root Cause (first observed failure)"):]
+    assert re.search(expected, root_cause), root_cause
+
+
+def _before_mpirun_trailer(out: str, n: int = 3) -> str:
+    """The ranks' last lines, without mpirun's closing blocks and Lightning's "Received SIGTERM" (mpirun
+    terminating the others once one exited)."""
+    lines = [line for line in out.strip().splitlines() if line.startswith("[rank") and "Received SIGTERM" not in line]
+    return "\n".join(lines[-n:])
+
+
+@pytest.mark.launcher
+@pytest.mark.timeout(LIMIT + 30)
+@pytest.mark.parametrize("fault, expected", [
+    ("raise", r"rank 0 of 2 .* stopped because rank 1 .*failed first with ValueError: injected failure at step 2"),
+    ("hang", r"group world\S* \[0, 1\]: ranks \[0\] waited in collective #\d+; never joined: \[1\]"),
+])
+def test_mpirun(tmp_path: Path, mpirun: list[str], fault: str, expected: str) -> None:
+    code, out, _ = run_fault(tmp_path, fault, rank=1, prefix=[*mpirun, "-x", "PYTHONPATH", "-np", "2", sys.executable])
+    assert code != 0
+    assert re.search(expected, _before_mpirun_trailer(out)), out[-4000:]
+
+
+@pytest.mark.launcher
+@pytest.mark.timeout(LIMIT + 240)
+def test_srun_hang_without_kill_on_bad_exit(tmp_path: Path, slurm_env: dict[str, str]) -> None:
+    """srun does not end the other tasks when one fails (--kill-on-bad-exit=0, Slurm's default):
+    rank 0 times out and reports, and the hung rank 1's watchdog ends it."""
+    pids = tmp_path / "pids"
+    script = tmp_path / "hang.sbatch"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --job-name=pctx-fault
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=2
+export PYTHONPATH={ROOT} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+start=$(date +%s)
+srun --kill-on-bad-exit=0 {sys.executable} {' '.join(fault_args("hang", 1, pids))}
+echo "srun exit code $? after $(( $(date +%s) - start )) s"
+""")
+    env = {**clean_env(), "SLURM_CONF": slurm_env["SLURM_CONF"]}
+    text = sbatch_and_wait([f"--chdir={ROOT}", str(script)], env, tmp_path / "job.out", LIMIT + 60)
+    seconds = int(re.search(r"srun exit code [1-9]\d* after (\d+) s", text).group(1))  # type: ignore[union-attr]
+    assert seconds <= LIMIT, text[-3000:]
+    assert re.search(r"never joined: \[1\]", text), text[-3000:]
+    assert re.search(r"rank 1 \(pid \d+\): rank 0 reported a failure, .* the watchdog ends it", text), text[-3000:]
+    assert not _kill_left(pids)
+
+
+# ------------------------------------------------------------------------ two nodes on one machine
+def _agent(node: int, port: int, pids: Path, extra: list[str], nodes: int = 2, nproc: int = 2) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(node),
+           "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port),
+           str(SCRIPT), "--devices", str(nproc), "--nodes", str(nodes), "--timeout", str(TIMEOUT),
+           "--pids", str(pids), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _finish(procs: list[subprocess.Popen], limit: float) -> list[str]:
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=limit)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(q.pid, 9)
+            raise AssertionError(f"agent {p.args[6]} still running after {limit} s") from None
+    return outs
+
+
+def _weights(text: str) -> dict[int, tuple[int, int, list[float]]]:
+    found = re.findall(r"rank (\d+): done local_rank=(\d+) node=(\d+) weights=\[([^\]]*)\]", text)
+    return {int(r): (int(lr), int(n), [float(x) for x in w.split(",")]) for r, lr, n, w in found}
+
+
+@pytest.mark.launcher
+@pytest.mark.timeout(3 * LIMIT)
+def test_two_torchrun_agents_as_two_nodes(tmp_path: Path) -> None:
+    """--nnodes 2 on loopback: node-local ranks, the warning for a tensor group across the two
+    nodes, and the same training as 4 processes on one node."""
+    from lightning_parallelctx.rendezvous import find_free_port
+
+    port = find_free_port()
+    outs = _finish([_agent(n, port, tmp_path / "pids", ["--tp", "4"]) for n in (0, 1)], LIMIT)
+    two_nodes = _weights("\n".join(outs))
+    assert sorted(two_nodes) == [0, 1, 2, 3], outs
+    assert {r: v[:2] for r, v in two_nodes.items()} == {0: (0, 0), 1: (1, 0), 2: (0, 1), 3: (1, 1)}
+    text = "\n".join(outs)
+    assert text.count("tensor groups (0, 1, 2, 3) span several nodes (2 processes per node)") == 1, text[-3000:]
+    one = _finish([_agent(0, find_free_port(), tmp_path / "pids1", ["--tp", "4"], nodes=1, nproc=4)], LIMIT)[0]
+    one_node = _weights(one)
+    assert "span several nodes" not in one
+    for rank in range(4):
+        assert max(abs(a - b) for a, b in zip(two_nodes[rank][2], one_node[rank][2])) < 1e-5, (two_nodes, one_node)
+
+
+@pytest.mark.launcher
+@pytest.mark.timeout(3 * LIMIT)
+def test_killing_one_nodes_agent_ends_the_other_node(tmp_path: Path) -> None:
+    from lightning_parallelctx.rendezvous import find_free_port
+
+    pids = tmp_path / "pids"
+    port = find_free_port()
+    agents = [_agent(n, port, pids, ["--steps", "100000", "--step-sleep", "0.05"]) for n in (0, 1)]
+    deadline = time.monotonic() + STARTUP + TIMEOUT
+    while len(list(pids.glob("*.training"))) < 4:
+        assert time.monotonic() < deadline and all(a.poll() is None for a in agents), "training never started"
+        time.sleep(0.5)
+    killed_at = time.monotonic()
+    os.kill(agents[1].pid, 9)  # node 1's agent only; its workers die with it (parent-death signal)
+    out = _finish([agents[0]], TIMEOUT + 30)[0]
+    took = time.monotonic() - killed_at
+    agents[1].communicate()
+    assert agents[0].returncode != 0 and took <= TIMEOUT + 30, (took, out[-3000:])
+    time.sleep(0.5)
+    assert not _kill_left(pids), out[-3000:]
+    assert re.search(r"rank [01] of 4 .*stopped because", out), out[-3000:]

@@ -17,20 +17,33 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch.distributed as dist
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from ..faults import REPORT_WAIT_S, TAG, FaultBoard, context_groups, explain, group_positions, make_record
+from ..faults import (
+    REPORT_WAIT_S,
+    TAG,
+    FaultBoard,
+    FaultRecord,
+    context_groups,
+    explain,
+    first_failure,
+    group_positions,
+    make_record,
+)
+from ..errors import RendezvousError
 from ..watchdog import DEFAULT_GRACE_S, Watchdog
 
 log = logging.getLogger(__name__)
@@ -41,14 +54,19 @@ _PR_SET_PDEATHSIG = 1
 
 
 def die_with_launcher() -> None:
-    """In a child of :class:`ParallelCtxLauncher`: be SIGKILLed when the launching process ends.
+    """In a child of :class:`ParallelCtxLauncher` or of torchrun's agent: be SIGKILLed when the
+    launching process ends.
 
     Lightning's launcher starts ``python script.py`` per local rank and nothing ties the children's
     lives to the main process: if it dies (an exception, a SIGKILL), a child stuck in user code
-    lives on. The kernel's parent-death signal fixes that; set here, in the child, because
-    Lightning's ``Popen`` takes no ``preexec_fn``.
+    lives on; so do torchrun's workers when their agent is killed (a node's agent on a multi-node
+    job). The kernel's parent-death signal fixes that; set here, in the child, because neither
+    launcher lets us pass a ``preexec_fn``. Never for a process started by a shell (a parent-death
+    signal would end a ``nohup`` run with the terminal).
     """
     parent = os.environ.get(PARENT_PID_VAR)
+    if parent is None and "TORCHELASTIC_RUN_ID" in os.environ:
+        parent = str(os.getppid())  # torchrun's agent starts its workers directly
     if parent is None or not sys.platform.startswith("linux"):
         return
     try:
@@ -168,29 +186,54 @@ class FitGuard:
     def on_exception(self, exc: BaseException, ctx: Any, launcher: Any) -> None:
         """Report ``exc`` (never raises); end our children if we launched them."""
         self.failed = True
+        records: dict[int, FaultRecord] = {}
         try:
-            note = self._report(exc, ctx)
+            note = self._report(exc, ctx, records)
         except Exception as err:  # noqa: BLE001 - the report must never replace the error
             note = f"{TAG} (could not gather the other ranks' reports: {err})"
         if note:
             exc.add_note(note)
+        write_elastic_error_file(exc, records)
         if isinstance(launcher, ParallelCtxLauncher) and launcher.procs:
             launcher.end_children(REPORT_WAIT_S + 2.0)
 
-    def _report(self, exc: BaseException, ctx: Any) -> str | None:
+    def _report(self, exc: BaseException, ctx: Any, records: dict[int, FaultRecord]) -> str | None:
         if self._board is None or not dist.is_initialized():
             return _rendezvous_note(exc)
         rank, world = dist.get_rank(), dist.get_world_size()
         me = make_record(rank, exc, group_positions(context_groups(ctx)))
         me = self._board.post(me)
-        records = {rank: me}
+        records[rank] = me
         if me.comm:
             records.update(self._board.read(wait_s=REPORT_WAIT_S))
         return explain(me, world, records, store_reachable=me.order > 0)
 
 
+def write_elastic_error_file(exc: BaseException, records: Mapping[int, FaultRecord]) -> None:
+    """Under torchrun: the error file its agent reads (what ``@record`` would write), so that its final
+    summary ("Root Cause (first observed failure)") shows the traceback with our note, not
+    "error_file: <N/A>". torchrun picks the smallest timestamp as the root cause; a rank whose error
+    is a consequence of another rank's dates itself one second after that rank, so the real first
+    failure wins even within the same second."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):  # a user's own @record already wrote it: theirs stands
+        return
+    first = first_failure(records)
+    stamp = int(time.time())
+    if first is not None and first.rank != dist.get_rank():
+        stamp = max(stamp, int(first.time) + 1)
+    data = {"message": {"message": "".join(traceback.format_exception_only(exc)).strip(),
+                        "extraInfo": {"py_callstack": "".join(traceback.format_exception(exc)),
+                                      "timestamp": str(stamp)}}}
+    with contextlib.suppress(OSError):
+        with open(path, "w") as f:
+            json.dump(data, f)
+
+
 def _rendezvous_note(exc: BaseException) -> str | None:
     """Before the default group exists the store cannot carry reports: say what torch's message means."""
+    if isinstance(exc, RendezvousError):
+        return None  # it says all of this itself
     if "clients joined" in str(exc) or "waiting for clients" in str(exc):
         return (f"{TAG} not every rank reached the rendezvous within the timeout: some processes never started, "
                 f"crashed or hang before creating the Trainer, or were given another MASTER_ADDR/MASTER_PORT. "

@@ -10,6 +10,7 @@ TRAPS.md number says which trap it avoids.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Callable, Generator, Mapping
 from datetime import timedelta
@@ -43,8 +44,10 @@ from ..context import ParallelContext, _live_context
 from ..distributed import set_current_context
 from ..errors import ParallelConfigError
 from ..initializers import mode_groups_for, resolve_initializer
+from ..launchers import LaunchInfo
 from ..layout import RankLayout
 from ..mode import ParallelMode
+from ..rendezvous import rendezvous_store
 from . import checkpoint as _ckpt
 from ._grad_sync import GradientHandler, check_gradient_handler_spec, make_gradient_handler
 from .environment import LAUNCHERS, ParallelCtxEnvironment
@@ -204,6 +207,14 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._context = ctx
         return ctx
 
+    def _world_store(self) -> Any:
+        env = self.cluster_environment
+        assert env is not None
+        info = LaunchInfo("lightning", self.global_rank, self.world_size, self.local_rank, self.num_processes,
+                          self.node_rank, self.num_nodes, env.main_address, env.main_port,
+                          agent_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true")
+        return rendezvous_store(info, self._timeout)
+
     def _launch_env(self) -> dict[str, str]:
         env = self.cluster_environment
         assert env is not None
@@ -277,8 +288,11 @@ class ParallelCtxStrategy(ParallelStrategy):
         if self._process_group_backend is None:
             self._process_group_backend = _get_default_process_group_backend_for_device(self.root_device)
         assert self.cluster_environment is not None
-        # Returns at once when the group exists (a second fit/validate, TRAPS.md #7).
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
+        # Returns at once when the group exists (a second fit/validate, TRAPS.md #7). Our store, not
+        # torch's env:// one, which would listen on every interface (rendezvous.py).
+        store = None if _distributed_is_initialized() else self._world_store()
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout,
+                              **({"store": store} if store is not None else {}))
         ctx = self._build_context()
         # Collectives and layers called without context= talk over this one, even when another
         # live context (another layout) was built later in this process.
