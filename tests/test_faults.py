@@ -233,20 +233,20 @@ def _weights(text: str) -> dict[int, tuple[int, int, list[float]]]:
 
 
 @pytest.mark.launcher
-@pytest.mark.timeout(3 * LIMIT)
+@pytest.mark.timeout(5 * LIMIT)
 def test_two_torchrun_agents_as_two_nodes(tmp_path: Path) -> None:
     """--nnodes 2 on loopback: node-local ranks, the warning for a tensor group across the two
     nodes, and the same training as 4 processes on one node."""
     from lightning_parallelctx.rendezvous import find_free_port
 
     port = find_free_port()
-    outs = _finish([_agent(n, port, tmp_path / "pids", ["--tp", "4"]) for n in (0, 1)], LIMIT)
+    outs = _finish([_agent(n, port, tmp_path / "pids", ["--tp", "4"]) for n in (0, 1)], 2 * LIMIT)
     two_nodes = _weights("\n".join(outs))
     assert sorted(two_nodes) == [0, 1, 2, 3], outs
     assert {r: v[:2] for r, v in two_nodes.items()} == {0: (0, 0), 1: (1, 0), 2: (0, 1), 3: (1, 1)}
     text = "\n".join(outs)
     assert text.count("tensor groups (0, 1, 2, 3) span several nodes (2 processes per node)") == 1, text[-3000:]
-    one = _finish([_agent(0, find_free_port(), tmp_path / "pids1", ["--tp", "4"], nodes=1, nproc=4)], LIMIT)[0]
+    one = _finish([_agent(0, find_free_port(), tmp_path / "pids1", ["--tp", "4"], nodes=1, nproc=4)], 2 * LIMIT)[0]
     one_node = _weights(one)
     assert "span several nodes" not in one
     for rank in range(4):

@@ -9,6 +9,7 @@ cycles were run once with PCTX_SOAK_CYCLES=200 and reported in the issue note.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -78,6 +79,8 @@ def _soak(rank: int, world_size: int, cycles: int) -> list[dict[str, float]]:
         gc.collect()
         if cycle == 0 or cycle == cycles:  # after the warm-up cycle, and at the end
             samples.append(_usage())
+        if rank == 0 and cycle % 25 == 0:  # progress of a long soak (PCTX_SOAK_CYCLES=200)
+            print(f"soak cycle {cycle}: {_usage()}", file=sys.stderr, flush=True)
     return samples
 
 
