@@ -23,6 +23,7 @@ from .layout import RankLayout
 from .mode import SHORT_NAMES, ParallelMode, mode_name
 from .process_groups import GroupFactory
 from .rendezvous import as_timedelta, init_world
+from .topology import warn_if_groups_span_nodes
 
 Mode = "ParallelMode | str"
 SizeArg = "int | str | None"
@@ -138,6 +139,7 @@ class ParallelContext:
 
         # Everything that can be checked without talking is checked first, on every rank.
         self.layout = RankLayout.build(world_size, **sizes, order=order)
+        warn_if_groups_span_nodes(self.layout, self._launch.local_world_size, rank)
         self._modes: dict[str, _ModeState] = {}
         computed = mode_groups_for(self.layout, modes)
 

@@ -34,15 +34,26 @@ class LaunchInfo:
 Env = Mapping[str, str]
 
 
+def _require(env: Env, names: "list[str | tuple[str, ...]]", launcher: str, hint: str) -> None:
+    """Raise one error listing EVERY required variable that is missing (a tuple: any one of them
+    will do), not the first: a user fixing a launch script should not have to rerun it per variable."""
+    missing = [f"{n[0]} (or {', '.join(n[1:])})" if isinstance(n, tuple) else n for n in names
+               if not any((env.get(v) or "").strip() for v in (n if isinstance(n, tuple) else (n,)))]
+    if missing:
+        which = "is" if len(missing) == 1 else "are"
+        raise LauncherError(
+            f"{launcher}: environment variable{'s' if len(missing) > 1 else ''} {', '.join(missing)} {which} not set; "
+            f"{launcher} sets {'it' if len(missing) == 1 else 'them'} for every process it starts. "
+            f"{hint or f'Start this script with {launcher}, or export them yourself.'}"
+        )
+
+
 def _int(env: Env, name: str, launcher: str, hint: str = "") -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
-        raise LauncherError(
-            f"environment variable {name} is not set; {launcher} sets it for every process it "
-            f"starts. {hint or f'Start this script with {launcher}, or export {name} yourself.'}"
-        )
+        _require(env, [name], launcher, hint)
     try:
-        return int(raw)
+        return int(raw)  # type: ignore[arg-type]
     except ValueError:
         raise LauncherError(f"{name}={raw!r} (set by {launcher}) is not an integer") from None
 
@@ -76,6 +87,7 @@ def _port(value: "int | str | None", source: str) -> int | None:
 # ------------------------------------------------------------------------------------ torchrun
 def read_torchrun(env: Env) -> LaunchInfo:
     hint = "Run the script with `torchrun --nproc_per_node N script.py`, or build the context with from_env()."
+    _require(env, ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"], "torchrun", hint)
     info = LaunchInfo(
         launcher="torchrun",
         rank=_int(env, "RANK", "torchrun", hint),
@@ -143,6 +155,7 @@ def read_slurm(env: Env) -> LaunchInfo:
             "This is a Slurm allocation but not an `srun` step: SLURM_PROCID is only set per task. "
             "Start the script with `srun python script.py`."
         )
+    _require(env, ["SLURM_PROCID", ("SLURM_NTASKS", "SLURM_NPROCS"), "SLURM_LOCALID"], "Slurm (srun)", hint)
     world = _opt_int(env, "SLURM_NTASKS") or _opt_int(env, "SLURM_NPROCS")
     if world is None:
         _int(env, "SLURM_NTASKS", "Slurm (srun)", hint)
@@ -180,6 +193,7 @@ def mpi_job_port(env: Env) -> int | None:
 def _mpi_reader(launcher: str, rank: str, size: str, local_rank: str, local_size: str) -> Callable[[Env], LaunchInfo]:
     def read(env: Env) -> LaunchInfo:
         hint = f"Start the processes with {launcher}'s mpirun/mpiexec."
+        _require(env, [rank, size], launcher, hint)
         local_world = _opt_int(env, local_size)
         world = _int(env, size, launcher, hint)
         # MPI says nothing of a rendezvous. On one node rank 0 is local and the job id gives every

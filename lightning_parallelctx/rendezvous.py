@@ -1,7 +1,15 @@
-"""Meeting the other processes: the rendezvous store and the default (WORLD) process group."""
+"""Meeting the other processes: the rendezvous store and the default (WORLD) process group.
+
+Where the store listens: torch's TCPStore listens on every interface of rank 0's host, so a
+training job on a shared or public machine exposes an unauthenticated key-value store to the whole
+network. Ours listens on the address the rendezvous host names (127.0.0.1 for a local run) and
+nowhere else: we bind the socket ourselves and hand it to TCPStore (``master_listen_fd``).
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import socket
 import threading
 from datetime import timedelta
@@ -47,6 +55,54 @@ def find_free_port() -> int:
 _STORES: dict[tuple, dist.Store] = {}
 
 
+def listen_address(host: str, single_node: bool) -> str:
+    """The one address rank 0's store listens on: the address ``host`` resolves to here.
+
+    A hostname that resolves to loopback on rank 0's own machine (Debian maps it to 127.0.1.1 in
+    /etc/hosts) while other nodes reach it by its network address would leave them unable to
+    connect; only then, for a job on several nodes, it listens on every interface, as torch does.
+    """
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise RendezvousError(
+            f"rendezvous host {host!r} does not resolve on rank 0's machine ({err}). Fix: set MASTER_ADDR (or host=) "
+            f"to rank 0's hostname or IP address as every rank can reach it"
+        ) from None
+    address = str(infos[0][4][0])
+    if ipaddress.ip_address(address).is_loopback and not single_node:
+        return "0.0.0.0"
+    return address
+
+
+def _listening_socket(info: LaunchInfo) -> socket.socket:
+    assert info.host and info.port
+    single = info.local_world_size is not None and info.local_world_size == info.world_size
+    address = listen_address(info.host, single)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, info.port))
+        sock.listen(max(128, info.world_size))
+    except OSError as err:
+        sock.close()
+        raise RendezvousError(
+            f"rank 0: the rendezvous store cannot listen on {address}:{info.port} (host {info.host!r}): {err}. "
+            f"Fix: MASTER_ADDR (or host=) must name this machine, rank 0's; MASTER_PORT (or port=) a free port"
+        ) from None
+    return sock
+
+
+_WORLDS = itertools.count(1)
+
+
+def rendezvous_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
+    """A store for a new default group of ``info``'s world: rank 0 hosts it (see
+    :func:`listen_address`), the others connect (within ``timeout``); torchrun's agent store when
+    torchrun runs one. Each call gets a fresh key space: a reused store must not meet old keys."""
+    return dist.PrefixStore(f"pctx_world{next(_WORLDS)}/", _make_store(info, timeout))
+
+
 def _make_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
     if info.world_size == 1:
         return dist.HashStore()
@@ -72,9 +128,12 @@ def _open_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
             f"listen there. Fix: pick a free port (port=... or MASTER_PORT=...), or stop the process "
             f"holding it (`ss -ltnp | grep {info.port}`)."
         )
+    # The store owns (and closes) the descriptor from here on, also when it fails.
+    listen_fd = _listening_socket(info).detach() if is_master else None
     try:
         if is_master:
-            return dist.TCPStore(info.host, info.port, info.world_size, True, timeout=timeout, wait_for_workers=True)
+            return dist.TCPStore(info.host, info.port, info.world_size, True, timeout=timeout,
+                                 wait_for_workers=True, master_listen_fd=listen_fd)
         return _bounded_client(info, timeout)
     except (RuntimeError, OSError) as err:
         seconds = int(timeout.total_seconds())

@@ -82,6 +82,22 @@ def test_missing_variable_names_variable_and_launcher(reader, env, missing, who)
     assert not isinstance(err.value, KeyError)
 
 
+@pytest.mark.parametrize("reader, names", [
+    (read_torchrun, ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]),
+    (read_slurm, ["SLURM_PROCID", "SLURM_NTASKS (or SLURM_NPROCS)", "SLURM_LOCALID"]),
+    (read_openmpi, ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"]),
+])
+def test_every_missing_variable_is_named_at_once(reader, names):
+    # Without the launcher at all: one error lists them all, so one fix of the launch script suffices.
+    with pytest.raises(LauncherError, match="not set; .* sets them for every process") as err:
+        reader({})
+    assert f"environment variables {', '.join(names)} are not set" in str(err.value)
+    # Two missing of several: exactly those two.
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    with pytest.raises(LauncherError, match=r"variables WORLD_SIZE, MASTER_PORT are not set"):
+        read_torchrun({k: v for k, v in env.items() if k not in ("WORLD_SIZE", "MASTER_PORT")})
+
+
 def test_inconsistent_and_garbage_values():
     with pytest.raises(LauncherError, match="rank 9 is not inside a world of 8"):
         read_torchrun({**TORCHRUN, "RANK": "9"})

@@ -361,14 +361,21 @@ class DataParallelGradientHook(SyncSwitch):
         self._sync_started = False
 
     def remove(self) -> None:
-        """Remove the hooks. Reductions already in flight are waited for; gradients stay where they are."""
+        """Remove the hooks. Reductions already in flight are waited for; gradients stay where they are.
+        The hooks are removed even when a wait fails (a peer died); the first such error is then raised."""
+        error: Exception | None = None
         for bucket in self._buckets:
             if bucket.work is not None:
-                bucket.work.wait()
+                try:
+                    bucket.work.wait()
+                except Exception as err:  # noqa: BLE001 - finish removing, then report it
+                    error = error or err
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._reset()
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------ introspection
     @property

@@ -88,16 +88,24 @@ def save_sharded_checkpoint(checkpoint: dict[str, Any], path: str | Path, module
                             ctx: ParallelContext) -> None:
     """Collective: every rank calls it with its own Lightning checkpoint dict (local shards)."""
     path = Path(path)
+    refused: list[str | None] = [None]
     if ctx.global_rank == 0:
-        if path.is_file() or path.is_symlink():
-            path.unlink()
-        elif path.is_dir():
-            if not is_sharded_checkpoint(path) and any(path.iterdir()):
-                raise CheckpointLayoutError(f"{path} is a non-empty directory that is not a sharded checkpoint; "
-                                            f"refusing to overwrite it")
-            shutil.rmtree(path)  # stale shards of another layout must not survive
-        path.mkdir(parents=True)
-    dist.barrier()
+        try:
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+            elif path.is_dir():
+                if not is_sharded_checkpoint(path) and any(path.iterdir()):
+                    raise CheckpointLayoutError(f"{path} is a non-empty directory that is not a sharded checkpoint; "
+                                                f"refusing to overwrite it. Fix: save to a new or empty directory")
+                shutil.rmtree(path)  # stale shards of another layout must not survive
+            path.mkdir(parents=True)
+        except (CheckpointLayoutError, OSError) as err:
+            refused[0] = f"rank 0 could not prepare checkpoint directory {path}: {err}"
+    # Instead of a barrier: every rank learns rank 0's verdict and raises it too, rather than
+    # waiting in the next collective for a rank 0 that has already failed (a hang until the timeout).
+    dist.broadcast_object_list(refused, src=0)
+    if refused[0] is not None:
+        raise CheckpointLayoutError(refused[0])
     layout = shard_layout(module, ctx)
     rest = dict(checkpoint)
     state = {"state_dict": rest.pop("state_dict"), "pctx": layout}

@@ -10,6 +10,7 @@ TRAPS.md number says which trap it avoids.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Callable, Generator, Mapping
 from datetime import timedelta
@@ -30,9 +31,6 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH, ReduceOp
-from lightning.pytorch.strategies.launchers.subprocess_script import (
-    _SubprocessScriptLauncher,
-)
 from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
@@ -46,12 +44,15 @@ from ..context import ParallelContext, _live_context
 from ..distributed import set_current_context
 from ..errors import ParallelConfigError
 from ..initializers import mode_groups_for, resolve_initializer
+from ..launchers import LaunchInfo
 from ..layout import RankLayout
 from ..mode import ParallelMode
+from ..rendezvous import rendezvous_store
 from . import checkpoint as _ckpt
 from ._grad_sync import GradientHandler, check_gradient_handler_spec, check_manual_optimization, make_gradient_handler
 from .batchnorm import convert_sync_batchnorm, revert_sync_batchnorm
 from .environment import LAUNCHERS, ParallelCtxEnvironment
+from .fault_guard import FitGuard, ParallelCtxLauncher, die_with_launcher, quietly
 from .grad_norm import clip_grad_norm_
 from .reductions import DEFAULT_REDUCTION_MODE, default_metric_groups, resolve_group
 from .replicas import ReplicaBufferSync, sync_replicas_at_fit_start
@@ -177,6 +178,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         # With gradient_handler="ddp" and manual optimization, DDP's post-forward must not prepare a
         # second backward after training_step (Lightning's DDPStrategy does the same).
         self._forward_redirection = _DDPForwardRedirection()
+        self._faults = FitGuard()
         self.num_nodes = 1
 
     # ------------------------------------------------------------------ the context
@@ -213,6 +215,14 @@ class ParallelCtxStrategy(ParallelStrategy):
                 ctx.print_layout()
         self._context = ctx
         return ctx
+
+    def _world_store(self) -> Any:
+        env = self.cluster_environment
+        assert env is not None
+        info = LaunchInfo("lightning", self.global_rank, self.world_size, self.local_rank, self.num_processes,
+                          self.node_rank, self.num_nodes, env.main_address, env.main_port,
+                          agent_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true")
+        return rendezvous_store(info, self._timeout)
 
     def _launch_env(self) -> dict[str, str]:
         env = self.cluster_environment
@@ -264,9 +274,10 @@ class ParallelCtxStrategy(ParallelStrategy):
             # torchrun/srun/mpirun started us: no launcher (it would start copies), but check what
             # they started, which Lightning never does without a launcher (LAUNCHERS.md).
             env.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+            die_with_launcher()  # a child of our own launcher must not outlive it
         else:
             # Without a launcher `devices=N` silently runs one process (TRAPS.md #1).
-            self._launcher = _SubprocessScriptLauncher(env, self.num_processes, self.num_nodes)
+            self._launcher = ParallelCtxLauncher(env, self.num_processes, self.num_nodes)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -286,8 +297,11 @@ class ParallelCtxStrategy(ParallelStrategy):
         if self._process_group_backend is None:
             self._process_group_backend = _get_default_process_group_backend_for_device(self.root_device)
         assert self.cluster_environment is not None
-        # Returns at once when the group exists (a second fit/validate, TRAPS.md #7).
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
+        # Returns at once when the group exists (a second fit/validate, TRAPS.md #7). Our store, not
+        # torch's env:// one, which would listen on every interface (rendezvous.py).
+        store = None if _distributed_is_initialized() else self._world_store()
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout,
+                              **({"store": store} if store is not None else {}))
         ctx = self._build_context()
         # Collectives and layers called without context= talk over this one, even when another
         # live context (another layout) was built later in this process.
@@ -295,6 +309,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         # Before the setup()/configure_model() hooks; deepcopy/pickle-safe (TRAPS.md #9).
         self.lightning_module.parallel_context = ctx
+        self._faults.arm(self.cluster_environment.main_address, self.cluster_environment.main_port)
 
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
@@ -453,14 +468,21 @@ class ParallelCtxStrategy(ParallelStrategy):
             elif path.exists() or path.is_symlink():
                 path.unlink()
 
-    # ------------------------------------------------------------------ teardown
+    # ------------------------------------------------------------------ failures and teardown
+    def on_exception(self, exception: BaseException) -> None:
+        # Names the rank that failed first on every rank, ends our children (fault_guard.py).
+        ctx = self._context if self._context is not None and not self._context.is_destroyed else None
+        self._faults.on_exception(exception, ctx, self._launcher)
+
     def teardown(self) -> None:
         if self._grad_handler is not None:
-            self._grad_handler.remove()
+            with quietly(self._faults.failed, "removing the gradient hooks"):
+                self._grad_handler.remove()
             self._grad_handler = None
         self._buffer_sync = None
         if self._layer_sync is not None and self.lightning_module is not None:
             revert_sync_batchnorm(self.lightning_module)  # as DDPStrategy does after fit
+        self._faults.disarm()  # after the removal: a removal stuck on a dead peer is still ended
         # The context outlives this fit: the next fit/validate/test/predict reuses it (TRAPS.md #7).
         super().teardown()
 

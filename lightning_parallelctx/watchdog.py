@@ -1,0 +1,106 @@
+"""A per-process watchdog: a rank that hangs must not outlive the job it belongs to.
+
+A rank stuck in user code (a sleep, a deadlock, a collective no one else will join) never sees the
+other ranks' errors. torchrun's agent and mpirun kill the rest of a job when one process exits
+non-zero, but srun (without ``--kill-on-bad-exit``) and a user's own process tree do not, and the
+hung rank keeps its node (and its GPU) until someone notices. So each rank runs one daemon thread,
+armed for the length of a fit, that blocks on the rendezvous store until either
+
+- a failing rank wakes it (:class:`.faults.FaultBoard` wakes every rank when one posts a failure), or
+- the store itself goes away (rank 0, which hosts it, died),
+
+and then, if this process is still inside the fit ``grace_s`` later, prints one line saying why
+and ends the process with exit code 1. A rank that fails normally reaches its teardown, which
+disarms the watchdog, long before that. The thread blocks in the store's ``wait`` (outside the
+GIL) over its own connection: nothing is polled and the happy path pays one store ``set`` per fit
+(the disarm, which also ends the thread so that none accumulate over many fits).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from .faults import STORE_OP_TIMEOUT_S, TAG, wake_key
+
+#: Seconds a rank may still run after the abort before the watchdog ends it.
+DEFAULT_GRACE_S = 10.0
+_WAIT_CHUNK = timedelta(seconds=600)
+_STOP = "stop"
+
+
+class Watchdog:
+    """Arm with :meth:`start`, disarm with :meth:`stop`. ``exit_fn`` is ``os._exit`` except in tests."""
+
+    def __init__(self, host: str, port: int, prefix: str, rank: int, grace_s: float = DEFAULT_GRACE_S,
+                 exit_fn: Any = os._exit):
+        self.host, self.port, self.prefix, self.rank = host, port, prefix, rank
+        self.grace_s = grace_s
+        self._exit = exit_fn
+        self._disarmed = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Why it fired (None while it has not): for tests.
+        self.reason: str | None = None
+
+    def _store(self, timeout: float) -> Any:
+        client = dist.TCPStore(self.host, self.port, is_master=False, wait_for_workers=False,
+                               timeout=timedelta(seconds=timeout))
+        return dist.PrefixStore(self.prefix, client)
+
+    def start(self) -> "Watchdog":
+        self._thread = threading.Thread(target=self._run, name=f"pctx-watchdog-rank{self.rank}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Disarm, and wake the thread so that it ends (best effort: the store may be gone)."""
+        if self._disarmed.is_set():
+            return
+        self._disarmed.set()
+        try:
+            self._store(STORE_OP_TIMEOUT_S).set(wake_key(self.rank), _STOP)
+        except Exception:  # noqa: BLE001 - store gone: the thread's wait fails and it ends by itself
+            pass
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def armed(self) -> bool:
+        return not self._disarmed.is_set()
+
+    def _run(self) -> None:
+        try:
+            store = self._store(60.0)
+        except Exception:  # noqa: BLE001 - no store to watch (already gone): the collectives time out
+            return
+        reason = None
+        while self.armed and reason is None:
+            try:
+                store.wait([wake_key(self.rank)], _WAIT_CHUNK)
+            except Exception as err:  # noqa: BLE001
+                text = str(err).lower()
+                if "timeout" in text or "timed out" in text:
+                    continue  # nothing happened in this chunk
+                reason = f"rank 0's rendezvous store ({self.host}:{self.port}) is gone: rank 0 failed or was killed"
+                break
+            try:
+                value = store.get(wake_key(self.rank)).decode()
+            except Exception:  # noqa: BLE001
+                value = "abort:?"
+            if value == _STOP:
+                return
+            reason = f"rank {value.partition(':')[2]} reported a failure"
+        if reason is None or self._disarmed.wait(self.grace_s):
+            return  # the fit ended (teardown) within the grace: the normal path of a failure
+        self.reason = reason
+        sys.stderr.write(f"{TAG} rank {self.rank} (pid {os.getpid()}): {reason}, and this rank was still inside "
+                         f"the fit {self.grace_s:.0f} s later (hung?); the watchdog ends it (exit code 1).\n")
+        sys.stderr.flush()
+        self._exit(1)
