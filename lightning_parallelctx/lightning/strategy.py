@@ -40,9 +40,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from ..context import ParallelContext, _live_context
+from ..dtensor import fsdp_managed, local, split_params
 from ..distributed import set_current_context
 from ..errors import ParallelConfigError
 from ..initializers import mode_groups_for, resolve_initializer
@@ -51,7 +53,9 @@ from ..mode import ParallelMode
 from . import checkpoint as _ckpt
 from ._grad_sync import GradientHandler, check_gradient_handler_spec, make_gradient_handler
 from .environment import LAUNCHERS, ParallelCtxEnvironment
+from .fsdp import check_marks_kept
 from .grad_norm import clip_grad_norm_
+from .mesh import lightning_device_mesh
 
 _SIZE_NAMES = ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size", "expert_parallel_size")
 
@@ -180,6 +184,12 @@ class ParallelCtxStrategy(ParallelStrategy):
             )
         return self._context
 
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        """The context's DeviceMesh; its dims also answer to "data_parallel"/"tensor_parallel"
+        (see :mod:`.mesh`)."""
+        return lightning_device_mesh(self.parallel_context)
+
     def _layout_sizes(self) -> dict[str, Any]:
         s = self._sizes
         return {"data": None if s["data_parallel_size"] == "auto" else s["data_parallel_size"],
@@ -286,6 +296,8 @@ class ParallelCtxStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         # Before the setup()/configure_model() hooks; deepcopy/pickle-safe (TRAPS.md #9).
         self.lightning_module.parallel_context = ctx
+        # What ModelParallelStrategy sets, over the context's groups (TRAPS.md #28).
+        self.lightning_module._device_mesh = lightning_device_mesh(ctx)
 
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
@@ -294,6 +306,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self.model_to_device()
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
+            check_marks_kept(self.model, fsdp_managed(self.model))
             if self._sync_initial_weights:
                 self._broadcast_within_replicas()
             self._grad_handler = make_gradient_handler(self._gradient_handler_spec)
@@ -318,8 +331,13 @@ class ParallelCtxStrategy(ParallelStrategy):
 
         module = self.lightning_module
         assert module is not None
-        for tensors, mode in (([p for p in module.parameters() if not is_expert(p)] + list(module.buffers()), "dense_replica"),
-                              ([p for p in module.parameters() if is_expert(p)], "expert_replica")):
+        # FSDP2's shards differ by design; DTensors replicated over the data ranks sync their local
+        # shards like plain tensors. Bad meshes raise here, on every rank, before any collective.
+        plain, dtensors = split_params(module, ctx)
+        params = [p for _, p in plain + dtensors]
+        buffers = [local(b) for b in module.buffers()]
+        for tensors, mode in (([local(p) for p in params if not is_expert(p)] + buffers, "dense_replica"),
+                              ([local(p) for p in params if is_expert(p)], "expert_replica")):
             if not tensors or ctx.get_world_size(mode) == 1:
                 continue
             src = ctx.get_ranks_in_group(mode)[0]
