@@ -214,6 +214,48 @@ def _bad_inputs(ctx: Any) -> dict[str, str]:
     return errors
 
 
+def _mixed_clipping(ctx: Any) -> dict[str, Any]:
+    """Gradient norm and clipping over one parameter list mixing every kind (TRAPS.md #27): a
+    TENSOR-sharded DTensor, a TENSOR-replicated DTensor, an FSDP-style DTensor sharded over the
+    data ranks, a 2-D (data, tensor) DTensor, a library-marked column shard and a plain replica.
+    torch's clip_grad_norm_ cannot take this list (mixed meshes); ours must give the full model's
+    norm on every rank with one collective."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from lightning_parallelctx.lightning import clip_grad_norm_, grad_norm
+    from lightning_parallelctx.lightning.mesh import lightning_device_mesh
+    from lightning_parallelctx.markers import mark_tensor_parallel
+
+    mesh = lightning_device_mesh(ctx)
+    tp, dp, both = mesh["tensor_parallel"], mesh["data_parallel"], mesh["data_parallel", "tensor_parallel"]
+    g = torch.Generator().manual_seed(3)
+    fulls = [torch.randn(8, 6, generator=g) for _ in range(6)]  # the full gradients, the same on every rank
+    layouts = [(tp, [Shard(0)]), (tp, [Replicate()]), (dp, [Shard(0)]), (both, [Shard(0), Shard(1)]), "marked", "plain"]
+    params = []
+    for full, layout in zip(fulls, layouts):
+        if layout == "marked":
+            p = torch.nn.Parameter(full.chunk(2, 0)[ctx.tp_rank].clone())
+            mark_tensor_parallel(p, 0, 8)
+            p.grad = p.detach().clone()
+        elif layout == "plain":
+            p = torch.nn.Parameter(full.clone())
+            p.grad = full.clone()
+        else:
+            # Clones: distribute_tensor with Replicate() keeps the very tensor it is given.
+            p = torch.nn.Parameter(distribute_tensor(full.clone(), *layout))
+            p.grad = distribute_tensor(full.clone(), *layout)
+        params.append(p)
+    expected = torch.linalg.vector_norm(torch.stack([f.norm() for f in fulls]))
+    norm = grad_norm(params, ctx)
+    clipped = clip_grad_norm_(params, 1.0, ctx)
+    scale = 1.0 / (float(expected) + 1e-6)
+    after = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in params[:4]]
+    return {"expected": float(expected), "norm": float(norm), "clip_norm": float(clipped),
+            "scaled_ok": [torch.allclose(a, f * scale, atol=1e-6) for a, f in zip(after, fulls[:4])]
+            + [torch.allclose(params[4].grad, fulls[4].chunk(2, 0)[ctx.tp_rank] * scale, atol=1e-6),
+               torch.allclose(params[5].grad, fulls[5] * scale, atol=1e-6)]}
+
+
 def _world(rank: int, world_size: int) -> dict[str, Any]:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -239,6 +281,7 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
     mesh = ctx is not None and __import__("lightning_parallelctx.lightning.mesh", fromlist=["x"]).lightning_device_mesh(ctx)
     res["mesh"] = {name: mesh[name].mesh.flatten().tolist() for name in ("data_parallel", "tensor_parallel", "dp", "tp")}
     res["bad"] = _bad_inputs(ctx)
+    res["mixed"] = _mixed_clipping(ctx)
     return res
 
 
@@ -308,6 +351,14 @@ def test_validate_and_predict(world: list[dict[str, Any]]) -> None:
             x = (torch.nn.functional.silu(x @ p["w1"].T) * (x @ p["w3"].T)) @ p["w2"].T
         # Every rank predicted its data shard's rows (DistributedSampler, no shuffle: data rank k reads k::2).
         assert torch.allclose(run["pred"], x[rank // 2::2], atol=TOL, rtol=TOL)
+
+
+def test_clipping_over_mixed_dtensor_fsdp_marked_plain_parameters(world: list[dict[str, Any]]) -> None:
+    for res in world:
+        mixed = res["mixed"]
+        assert abs(mixed["norm"] - mixed["expected"]) < 1e-5 * mixed["expected"], mixed
+        assert abs(mixed["clip_norm"] - mixed["expected"]) < 1e-5 * mixed["expected"], mixed
+        assert all(mixed["scaled_ok"]), mixed
 
 
 def test_bad_inputs_raise_on_every_rank(world: list[dict[str, Any]]) -> None:
