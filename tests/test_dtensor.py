@@ -57,13 +57,19 @@ class LibFeedForward(torch.nn.Module):
         return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
 
 
-def _lightning_module(kind: str, fsdp: bool) -> Any:
+def _lightning_module(kind: str, fsdp: bool, meta: bool = False) -> Any:
+    """kind: "dtensor" (parallelize_module), "lib" (the library's layers; on meta if ``meta``), both
+    built in configure_model, or "plain" (nn.Linear built in __init__, e.g. under init_module)."""
+    import contextlib
+
     import lightning.pytorch as pl
 
     class Model(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.blocks: torch.nn.Module | None = None
+            if kind == "plain":
+                self.blocks = torch.nn.Sequential(FeedForward(), FeedForward())
             self.rec: dict[str, list] = {"losses": [], "norms": []}
 
         def configure_model(self) -> None:
@@ -80,7 +86,8 @@ def _lightning_module(kind: str, fsdp: bool) -> Any:
                 if fsdp:
                     from torch.distributed.fsdp import fully_shard as shard
             else:
-                self.blocks = torch.nn.Sequential(LibFeedForward(), LibFeedForward())
+                with torch.device("meta") if meta else contextlib.nullcontext():
+                    self.blocks = torch.nn.Sequential(LibFeedForward(), LibFeedForward())
                 shard = None
                 if fsdp:
                     from lightning_parallelctx.lightning import fully_shard as shard
@@ -88,6 +95,9 @@ def _lightning_module(kind: str, fsdp: bool) -> Any:
                 for block in self.blocks:
                     shard(block, mesh=self.device_mesh["data_parallel"])
                 shard(self.blocks, mesh=self.device_mesh["data_parallel"])
+
+        def on_fit_start(self) -> None:
+            self.rec["init"] = {n: p.detach().clone() for n, p in self.named_parameters() if not hasattr(p, "placements")}
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.blocks(x)
@@ -131,21 +141,34 @@ def _data(n: int = 64) -> Any:
     return torch.utils.data.TensorDataset(x, torch.tanh(x.flip(-1)))
 
 
-def _fit(strategy: Any, kind: str, fsdp: bool, *, predict: bool = False) -> dict[str, Any]:
+def _fit(strategy: Any, kind: str, fsdp: bool = False, *, predict: bool = False, meta: bool = False,
+         init_module: bool = False) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     from lightning_parallelctx.dtensor import is_dtensor
 
     pl.seed_everything(1234, verbose=False)
-    model = _lightning_module(kind, fsdp)
     loader = torch.utils.data.DataLoader(_data(), batch_size=4)
     trainer = pl.Trainer(accelerator="cpu", devices=4, strategy=strategy, max_steps=STEPS, gradient_clip_val=CLIP,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2)
+    if init_module:
+        torch.rand(3)  # the generator moves on between seeding and init_module: the state at entry counts
+        state = torch.get_rng_state()
+        with trainer.init_module(empty_init=True):
+            model = _lightning_module(kind, fsdp, meta)
+        assert all(p.is_meta for p in model.parameters())
+        torch.set_rng_state(state)
+        eager = _lightning_module(kind, fsdp, meta)  # what the eager model would hold
+    else:
+        model = _lightning_module(kind, fsdp, meta)
     trainer.fit(model, loader)
     out = {"losses": list(model.rec["losses"]), "norms": list(model.rec["norms"]),
            "weights": {n: (p.full_tensor() if is_dtensor(p) else p).detach().clone()
                        for n, p in model.named_parameters()}}
+    if init_module:
+        out["init"] = model.rec["init"]
+        out["eager_init"] = {n: p.detach().clone() for n, p in eager.named_parameters()}
     if predict:
         trainer.validate(model, torch.utils.data.DataLoader(_data(16), batch_size=4), verbose=False)
         out["val"] = model.rec["val"]
@@ -278,6 +301,10 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
         run = _fit(ours(), "lib", fsdp)
         run["weights"] = _lib_full_weights(run["weights"], ctx)
         res[name] = run
+    res["lib_meta"] = _fit(ours(), "lib", meta=True)
+    res["lib_meta"]["weights"] = _lib_full_weights(res["lib_meta"]["weights"], ctx)
+    res["plain"] = _fit(ours(), "plain")
+    res["plain_init_module"] = _fit(ours(), "plain", init_module=True)
     mesh = ctx is not None and __import__("lightning_parallelctx.lightning.mesh", fromlist=["x"]).lightning_device_mesh(ctx)
     res["mesh"] = {name: mesh[name].mesh.flatten().tolist() for name in ("data_parallel", "tensor_parallel", "dp", "tp")}
     res["bad"] = _bad_inputs(ctx)
@@ -337,6 +364,19 @@ def test_library_layers_with_fsdp2(world: list[dict[str, Any]]) -> None:
         _same_weights(res["lib_fsdp"]["weights"], res["lib"]["weights"])
         # The library's layers draw the unsplit nn.Linear's weights: the same model as the DTensor one.
         _close(res["lib"]["losses"], res["mp_fsdp"]["losses"])
+
+
+def test_meta_init_gives_the_eager_models_weights(world: list[dict[str, Any]]) -> None:
+    for res in world:
+        # The library's layers built on meta in configure_model, materialised by the strategy.
+        _close(res["lib_meta"]["losses"], res["lib"]["losses"])
+        _same_weights(res["lib_meta"]["weights"], res["lib"]["weights"])
+        # trainer.init_module(empty_init=True): the weights the eager model draws from the random
+        # state at init_module's entry (the generator moved on after seeding, so it is not the seed's).
+        _same_weights(res["plain_init_module"]["init"], res["plain_init_module"]["eager_init"])
+        assert len(res["plain_init_module"]["losses"]) == STEPS
+        # The plain model replicated over TENSOR trains like the DTensor one.
+        _close(res["plain"]["losses"], res["mp_fsdp"]["losses"])
 
 
 def test_validate_and_predict(world: list[dict[str, Any]]) -> None:

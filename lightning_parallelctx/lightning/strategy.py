@@ -56,6 +56,7 @@ from .environment import LAUNCHERS, ParallelCtxEnvironment
 from .fsdp import check_marks_kept
 from .grad_norm import clip_grad_norm_
 from .mesh import lightning_device_mesh
+from .meta import materialize_meta
 
 _SIZE_NAMES = ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size", "expert_parallel_size")
 
@@ -172,6 +173,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._timeout = timedelta(seconds=float(timeout))
         self._context: ParallelContext | None = None
         self._grad_handler: Any = None
+        self._init_rng_state: Tensor | None = None
         self.num_nodes = 1
 
     # ------------------------------------------------------------------ the context
@@ -302,6 +304,9 @@ class ParallelCtxStrategy(ParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
+        # A model built on meta (init_module(empty_init=True), or in configure_model) gets its
+        # memory now, layer by layer, with the eager model's weights (meta.py).
+        materialize_meta(self.model, self.root_device, self._init_rng_state)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         fitting = trainer.state.fn == TrainerFn.FITTING
@@ -318,6 +323,17 @@ class ParallelCtxStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    @contextlib.contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        if not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        # On meta, as ModelParallelStrategy does; setup() materialises from this random state.
+        self._init_rng_state = torch.get_rng_state()
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
 
     def model_to_device(self) -> None:
         assert self.model is not None

@@ -10,7 +10,7 @@ from .cross_entropy import VocabParallelCrossEntropy, vocab_parallel_cross_entro
 from .embedding import VocabParallelEmbedding
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .moe import ExpertParallelMoE
-from .state_dict import gather_state_dict, load_full_state_dict, shard_state_dict
+from .state_dict import full_shape, gather_state_dict, load_full_state_dict, shard_state_dict, shard_tensor
 
 __all__ = [
     "EXPERT_DIM",
@@ -19,8 +19,10 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelCrossEntropy",
     "VocabParallelEmbedding",
+    "full_shape",
     "gather_state_dict",
     "load_full_state_dict",
     "shard_state_dict",
+    "shard_tensor",
     "vocab_parallel_cross_entropy",
 ]
