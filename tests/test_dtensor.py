@@ -163,7 +163,7 @@ def _fit(strategy: Any, kind: str, fsdp: bool = False, *, predict: bool = False,
     else:
         model = _lightning_module(kind, fsdp, meta)
     trainer.fit(model, loader)
-    out = {"losses": list(model.rec["losses"]), "norms": list(model.rec["norms"]),
+    out = {"losses": list(model.rec["losses"]), "norms": list(model.rec["norms"]), "bytes": _bytes_held(model, trainer),
            "weights": {n: (p.full_tensor() if is_dtensor(p) else p).detach().clone()
                        for n, p in model.named_parameters()}}
     if init_module:
@@ -178,6 +178,18 @@ def _fit(strategy: Any, kind: str, fsdp: bool = False, *, predict: bool = False,
         out["after_predict"] = {n: (p.full_tensor() if is_dtensor(p) else p).detach().clone()
                                 for n, p in model.named_parameters()}
     return out
+
+
+def _bytes_held(model: Any, trainer: Any) -> dict[str, int]:
+    """Bytes this rank holds in parameters, gradients and optimizer state (local shards only)."""
+    from lightning_parallelctx.dtensor import local
+
+    def size(ts: Any) -> int:
+        return sum(local(t).numel() * local(t).element_size() for t in ts if isinstance(t, torch.Tensor))
+
+    states = [v for s in trainer.optimizers[0].state.values() for v in s.values()]
+    return {"params": size(model.parameters()), "grads": size(p.grad for p in model.parameters()),
+            "optimizer": size(t for t in states if t.dim() > 0)}
 
 
 def _lib_full_weights(weights: dict[str, torch.Tensor], ctx: Any) -> dict[str, torch.Tensor]:
@@ -297,8 +309,8 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
     from lightning_parallelctx.current import current_context
 
     ctx = current_context()
-    for name, fsdp in (("lib", False), ("lib_fsdp", True)):
-        run = _fit(ours(), "lib", fsdp)
+    for name, fsdp, strategy_fsdp in (("lib", False, False), ("lib_fsdp", True, False), ("lib_strategy_fsdp", False, True)):
+        run = _fit(ours(fsdp=strategy_fsdp), "lib", fsdp)
         run["weights"] = _lib_full_weights(run["weights"], ctx)
         res[name] = run
     res["lib_meta"] = _fit(ours(), "lib", meta=True)
@@ -357,11 +369,17 @@ def test_tensor_parallel_dtensors_reduced_over_data_ranks(world: list[dict[str, 
         _same_weights(run["weights"], res["mp_fsdp"]["weights"])
 
 
-def test_library_layers_with_fsdp2(world: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize("run", ["lib_fsdp", "lib_strategy_fsdp"])
+def test_library_layers_with_fsdp2(world: list[dict[str, Any]], run: str) -> None:
+    # lib_fsdp: lightning_parallelctx.lightning.fully_shard in configure_model; lib_strategy_fsdp:
+    # ParallelCtxStrategy(fsdp=True) on the unchanged model.
     for res in world:
-        _close(res["lib_fsdp"]["losses"], res["lib"]["losses"])
-        _close(res["lib_fsdp"]["norms"], res["lib"]["norms"])
-        _same_weights(res["lib_fsdp"]["weights"], res["lib"]["weights"])
+        _close(res[run]["losses"], res["lib"]["losses"])
+        _close(res[run]["norms"], res["lib"]["norms"])
+        _same_weights(res[run]["weights"], res["lib"]["weights"])
+        # Sharded over the 2 data ranks: half the parameters, gradients and Adam state per rank.
+        for kind in ("params", "grads", "optimizer"):
+            assert res[run]["bytes"][kind] * 2 == res["lib"]["bytes"][kind], (kind, res[run]["bytes"], res["lib"]["bytes"])
         # The library's layers draw the unsplit nn.Linear's weights: the same model as the DTensor one.
         _close(res["lib"]["losses"], res["mp_fsdp"]["losses"])
 

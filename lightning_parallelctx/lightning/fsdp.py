@@ -18,11 +18,12 @@ from ..dtensor import fsdp_managed
 from ..errors import ParallelCtxError
 from ..markers import _EXPERT, _SEQ, _TP_DIM, _TP_SIZE
 from ..nn._common import TP_MODE_ATTR, _ParallelLayer
+from .mesh import lightning_device_mesh
 
 if TYPE_CHECKING:
     from ..context import ParallelContext
 
-__all__ = ["check_marks_kept", "fully_shard"]
+__all__ = ["check_marks_kept", "fully_shard", "shard_model"]
 
 _MARKS = (_TP_DIM, _TP_SIZE, _EXPERT, _SEQ, TP_MODE_ATTR)
 
@@ -38,7 +39,6 @@ def fully_shard(module: torch.nn.Module, *, mesh: Any = None, context: ParallelC
 
     if mesh is None:
         from ..distributed._state import resolve
-        from .mesh import lightning_device_mesh
 
         mesh = lightning_device_mesh(resolve(context))["data_parallel"]  # type: ignore[arg-type]
     marks = {(id(sub), name): {a: getattr(p, a) for a in _MARKS if hasattr(p, a)}
@@ -68,3 +68,37 @@ def check_marks_kept(module: torch.nn.Module, fsdp: dict[int, Any]) -> None:
                 f"replicas. Fix: use lightning_parallelctx.lightning.fully_shard (same arguments; the mesh "
                 f"defaults to self.device_mesh['data_parallel'])"
             )
+
+
+def shard_model(module: torch.nn.Module, context: ParallelContext) -> bool:
+    """The strategy's ``fsdp=True``: FSDP2 (ZeRO-3) over the dense replicas, as torchtitan and
+    Lightning's tensor-parallel example apply it: each element of every ``nn.ModuleList`` (the
+    transformer blocks) is one unit, then each direct child of ``module`` with parameters.
+
+    Expert and sequence-parallel parameters stay out of FSDP2 (``ignored_params``): FSDP2 would
+    average them over the dense replicas, but they need the expert replicas / a sum over TENSOR,
+    which the strategy's gradient handler does. Returns False (nothing done) if the model already
+    holds FSDP2 modules (the user sharded it in configure_model, or an earlier fit did).
+    """
+    from ..dtensor import is_dtensor
+    from ..markers import is_expert, is_sequence_parallel
+
+    if fsdp_managed(module) or any(type(m).__name__.startswith("FSDP") for m in module.modules()):
+        return False
+    if any(is_dtensor(p) for p in module.parameters()):
+        # Parameters made DTensors by parallelize_module: fully_shard composes with them, but the
+        # unit choice is the user's (as in Lightning's example); doing it here would guess.
+        raise ParallelCtxError(
+            "ParallelCtxStrategy(fsdp=True) shards plain models (the library's layers or nn modules); this model "
+            "already has DTensor parameters (parallelize_module). Fix: call fully_shard(..., "
+            "mesh=self.device_mesh['data_parallel']) yourself in configure_model, as with ModelParallelStrategy, "
+            "and leave fsdp=False"
+        )
+    mesh = lightning_device_mesh(context)["data_parallel"]
+    ignored = {p for p in module.parameters() if is_expert(p) or is_sequence_parallel(p)}
+    units = [block for sub in module.modules() if isinstance(sub, torch.nn.ModuleList) for block in sub]
+    units += [child for child in module.children() if any(True for _ in child.parameters())]
+    for unit in units:
+        if any(p not in ignored for p in unit.parameters()):
+            fully_shard(unit, mesh=mesh, ignored_params=ignored & set(unit.parameters()) or None)
+    return True

@@ -53,7 +53,7 @@ from ..mode import ParallelMode
 from . import checkpoint as _ckpt
 from ._grad_sync import GradientHandler, check_gradient_handler_spec, make_gradient_handler
 from .environment import LAUNCHERS, ParallelCtxEnvironment
-from .fsdp import check_marks_kept
+from .fsdp import check_marks_kept, shard_model
 from .grad_norm import clip_grad_norm_
 from .mesh import lightning_device_mesh
 from .meta import materialize_meta
@@ -100,6 +100,10 @@ class ParallelCtxStrategy(ParallelStrategy):
         launcher: ``"auto"`` (detect), ``"local"`` or a launcher name; see :class:`ParallelCtxEnvironment`.
         sync_initial_weights: at the start of ``fit``, copy the first replica's parameters to the other
             replicas of the same shard (as DDP does, but never across shards).
+        fsdp: shard parameters, gradients and optimizer state over the dense replicas with FSDP2
+            (ZeRO-3, as ModelParallelStrategy users do in configure_model): each element of every
+            ``nn.ModuleList`` and each child of the LightningModule becomes one ``fully_shard`` unit;
+            works with the library's layers. A model already sharded in configure_model is left as is.
         process_group_backend: ``"gloo"``/``"nccl"``; default from the device.
         timeout: seconds before a collective is declared hung.
         cluster_environment: a Lightning ``ClusterEnvironment`` instead of ``ParallelCtxEnvironment``.
@@ -120,6 +124,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         gradient_handler: str | GradientHandler = "bucketed",
         launcher: Literal["auto", "local", "torchrun", "slurm", "openmpi", "mpich", "mvapich2"] = "auto",
         sync_initial_weights: bool = True,
+        fsdp: bool = False,
         process_group_backend: Literal["gloo", "nccl", "mpi"] | None = None,
         timeout: float = 1800.0,
         cluster_environment: ClusterEnvironment | None = None,
@@ -153,6 +158,8 @@ class ParallelCtxStrategy(ParallelStrategy):
             raise ParallelConfigError(f"launcher={launcher!r} must be one of {', '.join(LAUNCHERS)}")
         if not isinstance(sync_initial_weights, bool):
             raise ParallelConfigError(f"sync_initial_weights={sync_initial_weights!r} must be a bool")
+        if not isinstance(fsdp, bool):
+            raise ParallelConfigError(f"fsdp={fsdp!r} must be a bool")
         if process_group_backend is not None and process_group_backend not in ("gloo", "nccl", "mpi"):
             raise ParallelConfigError(f"process_group_backend={process_group_backend!r} must be 'gloo', 'nccl', 'mpi' or None")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
@@ -169,6 +176,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._print_layout = print_layout
         self._gradient_handler_spec = gradient_handler
         self._sync_initial_weights = sync_initial_weights
+        self._fsdp = fsdp
         self._process_group_backend = process_group_backend
         self._timeout = timedelta(seconds=float(timeout))
         self._context: ParallelContext | None = None
@@ -310,10 +318,12 @@ class ParallelCtxStrategy(ParallelStrategy):
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._sync_initial_weights:
+            self._broadcast_within_replicas()
+        if self._fsdp:  # after the broadcast: every replica cuts its shard from the same weights
+            shard_model(self.model, self.parallel_context)
         if fitting:
             check_marks_kept(self.model, fsdp_managed(self.model))
-            if self._sync_initial_weights:
-                self._broadcast_within_replicas()
             self._grad_handler = make_gradient_handler(self._gradient_handler_spec)
             self.model = self._grad_handler.setup(self.model, self.parallel_context)
             self._reset_optimizers_and_schedulers()

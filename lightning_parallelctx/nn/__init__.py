@@ -10,6 +10,7 @@ from .cross_entropy import VocabParallelCrossEntropy, vocab_parallel_cross_entro
 from .embedding import VocabParallelEmbedding
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .moe import ExpertParallelMoE
+from .init import init_sharded_
 from .state_dict import full_shape, gather_state_dict, load_full_state_dict, shard_state_dict, shard_tensor
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "VocabParallelEmbedding",
     "full_shape",
     "gather_state_dict",
+    "init_sharded_",
     "load_full_state_dict",
     "shard_state_dict",
     "shard_tensor",
