@@ -113,7 +113,7 @@ def part_dtensor(steps: int, rounds: int) -> None:
     for r in range(rounds):
         order = ["model_parallel", "parallelctx"] if r % 2 == 0 else ["parallelctx", "model_parallel"]
         for variant in order:
-            out = spawn(_dtensor_fit, 4, args=(variant, steps), timeout=600)
+            out = spawn(_dtensor_fit, 4, *(variant, steps), timeout=600)
             times[variant] += [max(step) for step in zip(*(o["times"] for o in out))]
             rss[variant].append(max(o["rss_growth_mb"] for o in out))
     med = {v: statistics.median(t) for v, t in times.items()}
@@ -158,7 +158,7 @@ def part_fsdp() -> None:
     print(f"[fsdp] GPT example {GPT}, tp2 x dp2, AdamW: MB per rank (max over ranks)")
     rows = {}
     for fsdp in (False, True):
-        out = spawn(_gpt_bytes, 4, args=(fsdp,), timeout=600)
+        out = spawn(_gpt_bytes, 4, *(fsdp,), timeout=600)
         rows[fsdp] = {k: max(o[k] for o in out) / 2**20 for k in out[0]}
         r = rows[fsdp]
         print(f"  fsdp={fsdp!s:5}: params {r['params']:.2f}, grads {r['grads']:.2f}, optimizer {r['optimizer']:.2f}, "
@@ -201,7 +201,7 @@ def part_init() -> None:
           f"peak RSS growth per rank while building it, MB (max over ranks)")
     for tp in (1, 4):
         for way in ("full_then_cut", "meta"):
-            out = spawn(_gpt_init, tp, args=(way,), timeout=600)
+            out = spawn(_gpt_init, tp, *(way,), timeout=600)
             print(f"  tp{tp} {way:13}: {max(out):.1f}")
 
 

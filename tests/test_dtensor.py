@@ -68,20 +68,24 @@ def _lightning_module(kind: str, fsdp: bool, meta: bool = False) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.blocks: torch.nn.Module | None = None
-            if kind == "plain":
+            if kind in ("plain", "plain_mixed"):
                 self.blocks = torch.nn.Sequential(FeedForward(), FeedForward())
+                if kind == "plain_mixed":
+                    self.blocks.append(torch.nn.Linear(DIM, DIM))
             self.rec: dict[str, list] = {"losses": [], "norms": []}
 
         def configure_model(self) -> None:
             if self.blocks is not None:
                 return
-            if kind == "dtensor":
+            if kind in ("dtensor", "mixed"):
                 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
                 self.blocks = torch.nn.Sequential(FeedForward(), FeedForward())
                 plan = {"w1": ColwiseParallel(), "w2": RowwiseParallel(), "w3": ColwiseParallel()}
-                for block in self.blocks:
+                for block in list(self.blocks):
                     parallelize_module(block, self.device_mesh["tensor_parallel"], plan)
+                if kind == "mixed":  # DTensor blocks, then a plain nn.Linear replicated everywhere
+                    self.blocks.append(torch.nn.Linear(DIM, DIM))
                 shard = None
                 if fsdp:
                     from torch.distributed.fsdp import fully_shard as shard
@@ -306,6 +310,9 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
     res["ours_fsdp_allreduce"] = _fit(ours(gradient_handler="allreduce"), "dtensor", True)
     for handler in ("bucketed", "ddp", "allreduce"):
         res[f"ours_tp_{handler}"] = _fit(ours(gradient_handler=handler), "dtensor", False)
+    for handler in ("bucketed", "ddp", "allreduce"):
+        res[f"mixed_{handler}"] = _fit(ours(gradient_handler=handler), "mixed")
+    res["plain_mixed"] = _fit(ours(), "plain_mixed")
     from lightning_parallelctx.current import current_context
 
     ctx = current_context()
@@ -367,6 +374,18 @@ def test_tensor_parallel_dtensors_reduced_over_data_ranks(world: list[dict[str, 
         _close(run["losses"], res["mp_fsdp"]["losses"])
         _close(run["norms"], res["mp_fsdp"]["norms"])
         _same_weights(run["weights"], res["mp_fsdp"]["weights"])
+
+
+@pytest.mark.parametrize("handler", ["bucketed", "ddp", "allreduce"])
+def test_mixed_dtensor_and_plain_parameters(world: list[dict[str, Any]], handler: str) -> None:
+    # DTensor blocks plus a plain Linear (torch's DDP takes the plain one, the DTensors hidden from
+    # it; their local shards are reduced after it) train like the same model all plain.
+    for res in world:
+        run = res[f"mixed_{handler}"]
+        _close(run["losses"], res["plain_mixed"]["losses"])
+        _close(run["norms"], res["plain_mixed"]["norms"])
+        _same_weights(run["weights"], res["plain_mixed"]["weights"])
+    assert world[0]["plain_mixed"]["losses"] != world[2]["plain_mixed"]["losses"]
 
 
 @pytest.mark.parametrize("run", ["lib_fsdp", "lib_strategy_fsdp"])
