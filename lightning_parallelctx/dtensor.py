@@ -113,7 +113,7 @@ _MESH_CACHE: dict[tuple[Any, int], list[tuple[frozenset[str], tuple[int, ...], t
 def _mesh_groups(mesh: Any, ctx: ParallelContext) -> list[tuple[frozenset[str], tuple[int, ...], tuple[int, ...]]]:
     """Per mesh dim: (context axes it spans, its ranks, the context's group over those axes).
     Cached: clipping asks for every parameter at every step."""
-    key = (mesh, id(ctx))
+    key = (mesh, ctx.build_id)
     if key not in _MESH_CACHE:
         me = dist.get_rank()
         dims = []

@@ -146,14 +146,15 @@ def _data(n: int = 64) -> Any:
 
 
 def _fit(strategy: Any, kind: str, fsdp: bool = False, *, predict: bool = False, meta: bool = False,
-         init_module: bool = False) -> dict[str, Any]:
+         init_module: bool = False, accumulate: int = 1) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     from lightning_parallelctx.dtensor import is_dtensor
 
     pl.seed_everything(1234, verbose=False)
     loader = torch.utils.data.DataLoader(_data(), batch_size=4)
-    trainer = pl.Trainer(accelerator="cpu", devices=4, strategy=strategy, max_steps=STEPS, gradient_clip_val=CLIP,
+    trainer = pl.Trainer(accelerator="cpu", devices=4, strategy=strategy, max_steps=STEPS // accumulate,
+                         accumulate_grad_batches=accumulate, gradient_clip_val=CLIP,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2)
     if init_module:
@@ -306,6 +307,10 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
     res: dict[str, Any] = {}
     res["mp_fsdp"] = _fit(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=2), "dtensor", True)
     res["ours_fsdp"] = _fit(ours(), "dtensor", True, predict=True)
+    res["mp_fsdp_acc2"] = _fit(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=2), "dtensor", True,
+                               accumulate=2)
+    res["ours_fsdp_acc2"] = _fit(ours(), "dtensor", True, accumulate=2)
+    res["ours_tp_acc2"] = _fit(ours(), "dtensor", False, accumulate=2)
     res["ours_fsdp_ddp"] = _fit(ours(gradient_handler="ddp"), "dtensor", True)
     res["ours_fsdp_allreduce"] = _fit(ours(gradient_handler="allreduce"), "dtensor", True)
     for handler in ("bucketed", "ddp", "allreduce"):
@@ -336,8 +341,8 @@ def world() -> list[dict[str, Any]]:
     return spawn(_world, 4, timeout=540)
 
 
-def _close(a: list[float], b: list[float]) -> None:
-    assert len(a) == len(b) == STEPS, (len(a), len(b))
+def _close(a: list[float], b: list[float], n: int = STEPS) -> None:
+    assert len(a) == len(b) == n, (len(a), len(b))
     assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=TOL, rtol=TOL), (a, b)
 
 
@@ -363,6 +368,16 @@ def test_dtensor_fsdp2_matches_model_parallel_strategy(world: list[dict[str, Any
     # The data ranks read different batches, so the check above is not vacuous.
     assert world[0]["mp_fsdp"]["losses"] != world[2]["mp_fsdp"]["losses"]
     assert all(n > CLIP for n in world[0]["mp_fsdp"]["norms"]), world[0]["mp_fsdp"]["norms"]  # clipping was active
+
+
+@pytest.mark.parametrize("run", ["ours_fsdp_acc2", "ours_tp_acc2"])
+def test_gradient_accumulation(world: list[dict[str, Any]], run: str) -> None:
+    # accumulate_grad_batches=2: the handler stays silent on the first micro-batch (no_sync), FSDP2
+    # reduce-scatters each one; either way the same steps as ModelParallelStrategy's.
+    for res in world:
+        _close(res[run]["losses"], res["mp_fsdp_acc2"]["losses"])
+        _close(res[run]["norms"], res["mp_fsdp_acc2"]["norms"], STEPS // 2)
+        _same_weights(res[run]["weights"], res["mp_fsdp_acc2"]["weights"])
 
 
 @pytest.mark.parametrize("handler", ["bucketed", "ddp", "allreduce"])
