@@ -25,7 +25,7 @@ from lightning_parallelctx.nn import (
     ExpertParallelMoE,
     RowParallelLinear,
     VocabParallelEmbedding,
-    shard_state_dict,
+    init_sharded_,
     vocab_parallel_cross_entropy,
 )
 
@@ -100,14 +100,20 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
+        """The full model's weights from ``seed``, drawn one parameter at a time and cut to this
+        rank's shards: the same model for every layout, and no rank ever holds all of it (the
+        model may be on the meta device)."""
         g = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
+        n_layers = len(self.blocks)
+
+        def full(name: str, shape: torch.Size) -> torch.Tensor:
             # (Expert biases moe.b1/moe.b2 are zero like the others; moe.w2 is an output projection.)
             if name.endswith(("bias", "moe.b1", "moe.b2")) or ".ln" in name or name.startswith("ln_"):
-                p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))
-            else:
-                std = 0.02 / math.sqrt(2 * len(self.blocks)) if name.endswith(("out.weight", "proj.weight", "moe.w2")) else 0.02
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("out.weight", "proj.weight", "moe.w2")) else 0.02
+            return torch.randn(shape, generator=g) * std
+
+        init_sharded_(self, full, self.context)
 
 
 class GPTLightning(pl.LightningModule):
@@ -126,12 +132,12 @@ class GPTLightning(pl.LightningModule):
             return
         h = self.hparams
         ctx = getattr(self, "parallel_context", None) or LocalContext()
-        # The full model's initial weights, the same on every rank and for every layout, cut to this rank's shards.
+        # Built on meta (no memory), then the full model's initial weights, the same on every rank
+        # and for every layout, drawn parameter by parameter and cut to this rank's shards.
         moe = {"num_experts": h.get("num_experts", 0), "moe_top_k": h.get("moe_top_k", 1)}
-        full = GPT(h.vocab_size, h.seq_len, h.d_model, h.n_heads, h.n_layers, LocalContext(), **moe)
-        full.init_weights(h.init_seed)
-        self.gpt = GPT(h.vocab_size, h.seq_len, h.d_model, h.n_heads, h.n_layers, ctx, **moe)
-        self.gpt.load_state_dict(shard_state_dict(full.state_dict(), self.gpt, ctx))
+        with torch.device("meta"):
+            self.gpt = GPT(h.vocab_size, h.seq_len, h.d_model, h.n_heads, h.n_layers, ctx, **moe)
+        self.gpt.init_weights(h.init_seed)
 
     def _slice(self, *tensors: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
         """Every SEQUENCE rank gets the same batch and keeps its slice of the positions."""

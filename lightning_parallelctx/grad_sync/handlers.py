@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel.distributed import _find_tensors
 
+from ..dtensor import is_dtensor, local, split_params, wrap_like
 from ..errors import ParallelCtxError
 from ..markers import is_expert, is_sequence_parallel
 from .base import GradientHandler, register_gradient_handler
@@ -20,6 +21,15 @@ if TYPE_CHECKING:
     from ..context import ParallelContext
 
 __all__ = ["BucketedGradientHandler", "DDPGradientHandler", "FlatAllReduceGradientHandler"]
+
+
+def _local_shard_sync(named: list[tuple[str, torch.nn.Parameter]], ctx: ParallelContext | None) -> Any:
+    """A flat all-reduce handler over ``named`` (DTensors replicated over the data ranks), or None."""
+    if not named:
+        return None
+    sync = FlatAllReduceGradientHandler()
+    sync.attach(named, ctx)
+    return sync
 
 
 @register_gradient_handler("bucketed")
@@ -42,13 +52,17 @@ class BucketedGradientHandler(GradientHandler):
         self.reduce_dtype = reduce_dtype
         self.compress = compress
         self.hook: DataParallelGradientHook | None = None
+        # DTensor parameters replicated over the data ranks (tensor parallelism without FSDP2):
+        # their local shards are reduced after the buckets, by the flat handler.
+        self._dtensors: FlatAllReduceGradientHandler | None = None
 
     def setup(self, module: torch.nn.Module, ctx: ParallelContext | None) -> torch.nn.Module:
-        if self.hook is not None:
-            self.hook.remove()
-        self.hook = DataParallelGradientHook(module, ctx, bucket_cap_mb=self.bucket_cap_mb,
+        self.remove()
+        plain, dtensors = split_params(module, ctx)
+        self.hook = DataParallelGradientHook(plain, ctx, bucket_cap_mb=self.bucket_cap_mb,
                                              first_bucket_cap_mb=self.first_bucket_cap_mb,
                                              reduce_dtype=self.reduce_dtype, compress=self.compress)
+        self._dtensors = _local_shard_sync(dtensors, ctx)
         return module
 
     @property
@@ -56,16 +70,25 @@ class BucketedGradientHandler(GradientHandler):
         return self.hook.require_sync if self.hook is not None else True
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
-        return self.hook.no_sync() if self.hook is not None else contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for part in (self.hook, self._dtensors):
+            if part is not None:
+                stack.enter_context(part.no_sync())
+        return stack
 
     def finish(self) -> None:
         if self.hook is not None:
             self.hook.finish()
+        if self._dtensors is not None:
+            self._dtensors.finish()
 
     def remove(self) -> None:
         if self.hook is not None:
             self.hook.remove()
             self.hook = None
+        if self._dtensors is not None:
+            self._dtensors.remove()
+            self._dtensors = None
 
     def __repr__(self) -> str:
         return (f"BucketedGradientHandler(bucket_cap_mb={self.bucket_cap_mb}, reduce_dtype={self.reduce_dtype}, "
@@ -90,6 +113,7 @@ class DDPGradientHandler(GradientHandler):
         )
         self.module: torch.nn.Module | None = None
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        self._dtensors: FlatAllReduceGradientHandler | None = None
 
     def setup(self, module: torch.nn.Module, ctx: ParallelContext | None) -> torch.nn.Module:
         expert = [n for n, p in module.named_parameters() if is_expert(p)]
@@ -111,6 +135,17 @@ class DDPGradientHandler(GradientHandler):
             raise ParallelCtxError("the 'ddp' gradient handler needs an initialised default process group")
         group = ctx.get_group("dense_replica") if ctx is not None else dist.group.WORLD
         self.module = module
+        plain, dtensors = split_params(module, ctx)
+        # DDP broadcasts and buckets plain tensors only: DTensors (FSDP2's, which FSDP2 reduces, and
+        # replicated ones, reduced here after DDP) are hidden from it.
+        ignored = {id(p) for _, p in module.named_parameters()} - {id(p) for _, p in plain}
+        if ignored:
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                module, [n for n, p in module.named_parameters() if id(p) in ignored]
+                + [n for n, b in module.named_buffers() if is_dtensor(b)])
+        self._dtensors = _local_shard_sync(dtensors, ctx)
+        if not any(p.requires_grad for _, p in plain):
+            return module  # DDP refuses a module with nothing for it to reduce
         self.ddp = torch.nn.parallel.DistributedDataParallel(module, process_group=group, **self.ddp_kwargs)
         return self.ddp
 
@@ -130,18 +165,29 @@ class DDPGradientHandler(GradientHandler):
             ddp.require_forward_param_sync = False
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
-        return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if self.ddp is not None:
+            stack.enter_context(self.ddp.no_sync())
+        if self._dtensors is not None:
+            stack.enter_context(self._dtensors.no_sync())
+        return stack
 
     @property
     def require_sync(self) -> bool:
-        return self.ddp.require_backward_grad_sync if self.ddp is not None else True
+        if self.ddp is not None:
+            return self.ddp.require_backward_grad_sync
+        return self._dtensors.require_sync if self._dtensors is not None else True
 
     def finish(self) -> None:
         # DDP finishes its reductions inside backward (an autograd end-of-backward callback).
-        return None
+        if self._dtensors is not None:
+            self._dtensors.finish()
 
     def remove(self) -> None:
         self.ddp = None
+        if self._dtensors is not None:
+            self._dtensors.remove()
+            self._dtensors = None
 
     def __repr__(self) -> str:
         return f"DDPGradientHandler({', '.join(f'{k}={v}' for k, v in self.ddp_kwargs.items())})"
@@ -161,10 +207,17 @@ class FlatAllReduceGradientHandler(GradientHandler):
         self._dirty = False
 
     def setup(self, module: torch.nn.Module, ctx: ParallelContext | None) -> torch.nn.Module:
+        plain, dtensors = split_params(module, ctx)  # FSDP2-managed ones are FSDP2's (TRAPS.md #26)
+        self.attach(plain + dtensors, ctx)
+        return module
+
+    def attach(self, named: list[tuple[str, torch.nn.Parameter]], ctx: ParallelContext | None) -> None:
+        """Reduce exactly these parameters (plain tensors, or DTensors replicated over the data
+        ranks: their local shards are reduced)."""
         self.remove()
         resolver = GroupResolver(ctx)
         groups: dict[tuple, tuple[ReductionPlan, list[torch.nn.Parameter]]] = {}
-        for name, p in module.named_parameters():
+        for name, p in named:
             if not p.requires_grad:
                 continue
             plan = resolver.plan(p, name)
@@ -173,7 +226,6 @@ class FlatAllReduceGradientHandler(GradientHandler):
                 # Only to know whether a backward ran since the last finish.
                 self._handles.append(p.register_post_accumulate_grad_hook(self._mark))
         self._groups = list(groups.values())
-        return module
 
     def _mark(self, _: torch.Tensor) -> None:
         self._dirty = True
@@ -182,7 +234,7 @@ class FlatAllReduceGradientHandler(GradientHandler):
         if not self.require_sync or not self._dirty:
             return
         for plan, params in self._groups:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            grads = [local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in params]
             used = torch.tensor([float(p.grad is not None) for p in params], dtype=params[0].dtype,
                                 device=params[0].device)
             flat = _flatten_dense_tensors(grads + [used])
@@ -194,9 +246,9 @@ class FlatAllReduceGradientHandler(GradientHandler):
             *reduced, counts = _unflatten_dense_tensors(flat, grads + [used])
             for p, new, count in zip(params, reduced, counts.tolist()):
                 if p.grad is not None:
-                    p.grad.copy_(new)
+                    local(p.grad).copy_(new)
                 elif count > 0:
-                    p.grad = new
+                    p.grad = wrap_like(new, p)
         self._dirty = False
 
     def remove(self) -> None:

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from ..dtensor import split_params
+from ..errors import ParallelCtxError
 from .base import SyncSwitch, as_dtype
 from .groups import GroupResolver, ReductionPlan
 
@@ -143,7 +145,14 @@ class DataParallelGradientHook(SyncSwitch):
         self._next = 0  # index of the next bucket to launch
         self._handles: list[Any] = []
 
-        named = list(module.named_parameters()) if isinstance(module, torch.nn.Module) else list(module)
+        # FSDP2-managed parameters are FSDP2's to reduce (TRAPS.md #26); DTensors need the handler.
+        named, dtensors = split_params(module, ctx)
+        if dtensors:
+            raise ParallelCtxError(
+                f"DataParallelGradientHook keeps plain gradients as views into flat buckets; DTensor parameters "
+                f"({', '.join(n for n, _ in dtensors[:3])}{', ...' if len(dtensors) > 3 else ''}) cannot be. Fix: use "
+                f"get_gradient_handler('bucketed'), which reduces their local shards after the buckets"
+            )
         self._buckets = self._build_buckets(named, GroupResolver(ctx))
         for bucket in self._buckets:
             for slot in bucket.slots:

@@ -8,7 +8,9 @@ from .checkpoint import (
     shard_state_dict,
 )
 from .environment import LaunchMismatchError, ParallelCtxEnvironment
+from .fsdp import fully_shard
 from .grad_norm import clip_grad_norm_, grad_norm
+from .mesh import lightning_device_mesh
 from .strategy import ParallelCtxStrategy, register
 
 register()
@@ -20,7 +22,9 @@ __all__ = [
     "clip_grad_norm_",
     "consolidate_checkpoint",
     "consolidate_to_file",
+    "fully_shard",
     "gather_full_state_dict",
     "grad_norm",
+    "lightning_device_mesh",
     "shard_state_dict",
 ]

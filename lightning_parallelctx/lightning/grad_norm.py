@@ -3,11 +3,17 @@
 Lightning's precision plugin clips with ``torch.nn.utils.clip_grad_norm_`` over the parameters of
 one rank. With tensor/pipeline/expert sharding each rank then sees only part of the model and
 clips by a different norm, so replicas drift apart and nothing matches a single-process run.
-Here every parameter of the full model is counted exactly once: tensor-parallel shards on every
-TENSOR rank, expert shards on every EXPERT rank, pipeline stages on every stage, and a parameter
-replicated across TENSOR (or EXPERT) only on that group's first rank; one all-reduce over the
-'model_parallel' group (TENSOR x PIPELINE x EXPERT) then gives the full model's norm everywhere.
-Gradients must already be synchronised over the data replicas (they are identical there).
+Here every piece of the full model is counted exactly once over the whole world
+(:func:`lightning_parallelctx.dtensor.counts_in_norm`): tensor-parallel shards on every TENSOR rank,
+expert shards on every EXPERT rank, pipeline stages on every stage, DTensor shards (tensor
+parallelism, FSDP2) wherever their placements shard them, and replicas only at coordinate 0. One
+all-reduce of one scalar over the world then gives the full model's norm on every rank.
+
+DTensor gradients are read through their local tensors: ``DTensor.norm()``/``full_tensor()`` run
+collectives, and with a mix of meshes (or of DTensor and plain parameters) the ranks would run
+different ones and hang (TRAPS.md #27). Here every rank runs the same single all-reduce, whatever
+it holds. Gradients must already be synchronised over the data replicas (they are identical there;
+FSDP2's are reduce-scattered).
 """
 
 from __future__ import annotations
@@ -19,22 +25,33 @@ import torch
 import torch.distributed as dist
 
 from ..context import ParallelContext
-from ..markers import is_expert, is_tensor_parallel
+from ..dtensor import counts_in_norm, is_dtensor, local
 
 
 def _owned_grads(params: Iterable[torch.Tensor], ctx: ParallelContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    first_tp = ctx.get_local_rank("tensor") == 0
-    first_ep = ctx.get_local_rank("expert") == 0
+    """(every local gradient, the local gradients this rank counts in the norm)."""
     every, owned = [], []
     seen: set[int] = set()
-    for p in params:
+    for i, p in enumerate(params):
         if p.grad is None or id(p) in seen:  # tied weights appear twice in some param lists
             continue
         seen.add(id(p))
-        every.append(p.grad)
-        if (is_tensor_parallel(p) or first_tp) and (is_expert(p) or first_ep):
-            owned.append(p.grad)
+        grad = _without_partial(p.grad)
+        every.append(local(p.grad))
+        if counts_in_norm(p, ctx, name=f"parameter #{i} {tuple(p.shape)}", grad=grad):
+            owned.append(local(grad))
     return every, owned
+
+
+def _without_partial(grad: torch.Tensor) -> torch.Tensor:
+    # A Partial placement holds unsummed contributions: sum them (for the norm only) with one
+    # collective that every rank of that mesh dim runs too, since they all hold this parameter.
+    if not is_dtensor(grad) or not any(pl.is_partial() for pl in grad.placements):  # type: ignore[attr-defined]
+        return grad
+    from torch.distributed.tensor import Replicate
+
+    return grad.redistribute(grad.device_mesh,  # type: ignore[attr-defined]
+                             [Replicate() if pl.is_partial() else pl for pl in grad.placements])  # type: ignore[attr-defined]
 
 
 @torch.no_grad()
@@ -45,20 +62,21 @@ def grad_norm(parameters: Iterable[torch.Tensor], ctx: ParallelContext, norm_typ
 
 
 def _reduce_norm(owned: list[torch.Tensor], ctx: ParallelContext, norm_type: float) -> torch.Tensor:
-    group = ctx.get_group("model_parallel") if ctx.get_world_size("model_parallel") > 1 else None
+    # Over the world, not 'model_parallel': DTensor shards (FSDP2) differ across data ranks too.
+    talk = ctx.get_world_size() > 1
     device = owned[0].device if owned else torch.device("cpu")
     if math.isinf(norm_type):
-        local = torch.stack([g.detach().abs().max().float() for g in owned]).max() if owned else torch.zeros((), device=device)
-        if group is not None:
-            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
-        return local
-    local = (
+        local_max = torch.stack([g.detach().abs().max().float() for g in owned]).max() if owned else torch.zeros((), device=device)
+        if talk:
+            dist.all_reduce(local_max, op=dist.ReduceOp.MAX)
+        return local_max
+    total = (
         torch.stack([torch.linalg.vector_norm(g.detach().float(), norm_type) ** norm_type for g in owned]).sum()
         if owned else torch.zeros((), device=device)
     )
-    if group is not None:
-        dist.all_reduce(local, group=group)
-    return local ** (1.0 / norm_type)
+    if talk:
+        dist.all_reduce(total)
+    return total ** (1.0 / norm_type)
 
 
 @torch.no_grad()

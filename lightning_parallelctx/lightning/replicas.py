@@ -29,6 +29,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..context import ParallelContext
+from ..dtensor import local, split_params
 from ..markers import is_expert, is_tensor_parallel
 
 __all__ = ["ReplicaBufferSync", "broadcast_from_first", "sync_replicas_at_fit_start"]
@@ -45,6 +46,7 @@ def broadcast_from_first(tensors: Iterable[Tensor], ctx: ParallelContext, mode: 
     # One flat broadcast per dtype, not one per tensor: a real model has hundreds.
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for t in tensors:
+        t = local(t)  # a DTensor's local piece, shared storage: its replicas hold the same piece
         by_dtype.setdefault(t.dtype, []).append(t.data if isinstance(t, torch.nn.Parameter) else t)
     for same in by_dtype.values():
         flat = _flatten_dense_tensors(same)
@@ -61,12 +63,19 @@ def _split_expert(tensors: Iterable[Tensor]) -> tuple[list[Tensor], list[Tensor]
 
 
 def sync_replicas_at_fit_start(module: torch.nn.Module, ctx: ParallelContext) -> None:
-    """DDP's start-of-training broadcast of parameters and buffers, inside each replica group only."""
-    params = list(module.parameters())
+    """DDP's start-of-training broadcast of parameters and buffers, inside each replica group only.
+
+    FSDP2's shards differ by design and are left out; DTensors replicated over the data ranks sync
+    their local pieces like plain tensors (their placements already say what TENSOR holds). Bad
+    meshes raise in ``split_params``, on every rank, before any collective.
+    """
+    plain, dtensors = split_params(module, ctx)
+    plain_params = [p for _, p in plain]
+    params = plain_params + [p for _, p in dtensors]
     # Replicated over TENSOR first: ranks that started from different random states (a seed that
     # depends on the rank) would otherwise keep different LayerNorms forever, since their
     # gradients are never reduced over TENSOR.
-    broadcast_from_first([p for p in params if not is_tensor_parallel(p)], ctx, "tensor")
+    broadcast_from_first([p for p in plain_params if not is_tensor_parallel(p)], ctx, "tensor")
     dense, expert = _split_expert(params + list(module.buffers()))
     broadcast_from_first(dense, ctx, "dense_replica")
     broadcast_from_first(expert, ctx, "expert_replica")

@@ -38,9 +38,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from ..context import ParallelContext, _live_context
+from ..dtensor import fsdp_managed
 from ..distributed import set_current_context
 from ..errors import ParallelConfigError
 from ..initializers import mode_groups_for, resolve_initializer
@@ -56,6 +58,9 @@ from .fault_guard import FitGuard, ParallelCtxLauncher, die_with_launcher, quiet
 from .grad_norm import clip_grad_norm_
 from .reductions import DEFAULT_REDUCTION_MODE, default_metric_groups, resolve_group
 from .replicas import ReplicaBufferSync, sync_replicas_at_fit_start
+from .fsdp import check_marks_kept, shard_model
+from .mesh import lightning_device_mesh
+from .meta import materialize_meta
 
 _SIZE_NAMES = ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size", "expert_parallel_size")
 
@@ -101,6 +106,10 @@ class ParallelCtxStrategy(ParallelStrategy):
             the first TENSOR rank, then every parameter and buffer from the first replica to the other
             replicas of the same shard (as DDP does, but never across shards). Buffers are broadcast
             again before training forwards, as with DDP's ``broadcast_buffers=True``, whatever the value here.
+        fsdp: shard parameters, gradients and optimizer state over the dense replicas with FSDP2
+            (ZeRO-3, as ModelParallelStrategy users do in configure_model): each element of every
+            ``nn.ModuleList`` and each child of the LightningModule becomes one ``fully_shard`` unit;
+            works with the library's layers. A model already sharded in configure_model is left as is.
         process_group_backend: ``"gloo"``/``"nccl"``; default from the device.
         timeout: seconds before a collective is declared hung.
         cluster_environment: a Lightning ``ClusterEnvironment`` instead of ``ParallelCtxEnvironment``.
@@ -121,6 +130,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         gradient_handler: str | GradientHandler = "bucketed",
         launcher: Literal["auto", "local", "torchrun", "slurm", "openmpi", "mpich", "mvapich2"] = "auto",
         sync_initial_weights: bool = True,
+        fsdp: bool = False,
         process_group_backend: Literal["gloo", "nccl", "mpi"] | None = None,
         timeout: float = 1800.0,
         cluster_environment: ClusterEnvironment | None = None,
@@ -154,6 +164,8 @@ class ParallelCtxStrategy(ParallelStrategy):
             raise ParallelConfigError(f"launcher={launcher!r} must be one of {', '.join(LAUNCHERS)}")
         if not isinstance(sync_initial_weights, bool):
             raise ParallelConfigError(f"sync_initial_weights={sync_initial_weights!r} must be a bool")
+        if not isinstance(fsdp, bool):
+            raise ParallelConfigError(f"fsdp={fsdp!r} must be a bool")
         if process_group_backend is not None and process_group_backend not in ("gloo", "nccl", "mpi"):
             raise ParallelConfigError(f"process_group_backend={process_group_backend!r} must be 'gloo', 'nccl', 'mpi' or None")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
@@ -170,6 +182,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._print_layout = print_layout
         self._gradient_handler_spec = gradient_handler
         self._sync_initial_weights = sync_initial_weights
+        self._fsdp = fsdp
         self._process_group_backend = process_group_backend
         self._timeout = timedelta(seconds=float(timeout))
         self._context: ParallelContext | None = None
@@ -179,6 +192,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         # second backward after training_step (Lightning's DDPStrategy does the same).
         self._forward_redirection = _DDPForwardRedirection()
         self._faults = FitGuard()
+        self._init_rng_state: Tensor | None = None
         self.num_nodes = 1
 
     # ------------------------------------------------------------------ the context
@@ -190,6 +204,12 @@ class ParallelCtxStrategy(ParallelStrategy):
                 "LightningModule's setup()/configure_model() on (self.parallel_context), not earlier"
             )
         return self._context
+
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        """The context's DeviceMesh; its dims also answer to "data_parallel"/"tensor_parallel"
+        (see :mod:`.mesh`)."""
+        return lightning_device_mesh(self.parallel_context)
 
     def _layout_sizes(self) -> dict[str, Any]:
         s = self._sizes
@@ -310,10 +330,15 @@ class ParallelCtxStrategy(ParallelStrategy):
         # Before the setup()/configure_model() hooks; deepcopy/pickle-safe (TRAPS.md #9).
         self.lightning_module.parallel_context = ctx
         self._faults.arm(self.cluster_environment.main_address, self.cluster_environment.main_port)
+        # What ModelParallelStrategy sets, over the context's groups (TRAPS.md #28).
+        self.lightning_module._device_mesh = lightning_device_mesh(ctx)
 
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
+        # A model built on meta (init_module(empty_init=True), or in configure_model) gets its
+        # memory now, layer by layer, with the eager model's weights (meta.py).
+        materialize_meta(self.model, self.root_device, self._init_rng_state)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         fitting = trainer.state.fn == TrainerFn.FITTING
@@ -325,6 +350,10 @@ class ParallelCtxStrategy(ParallelStrategy):
                 self.model = convert_sync_batchnorm(self.model, ctx.get_group(DEFAULT_REDUCTION_MODE), self.root_device)
             if self._sync_initial_weights:
                 sync_replicas_at_fit_start(module, ctx)
+        if self._fsdp:  # after the broadcast: every replica cuts its shard from the same weights
+            shard_model(self.model, ctx)
+        if fitting:
+            check_marks_kept(self.model, fsdp_managed(self.model))
             handler = self._grad_handler = make_gradient_handler(self._gradient_handler_spec)
             check_manual_optimization(handler, module)
             self.model = handler.setup(self.model, ctx)
@@ -338,6 +367,17 @@ class ParallelCtxStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    @contextlib.contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        if not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        # On meta, as ModelParallelStrategy does; setup() materialises from this random state.
+        self._init_rng_state = torch.get_rng_state()
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
 
     def model_to_device(self) -> None:
         assert self.model is not None

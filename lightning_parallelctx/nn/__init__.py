@@ -10,7 +10,8 @@ from .cross_entropy import VocabParallelCrossEntropy, vocab_parallel_cross_entro
 from .embedding import VocabParallelEmbedding
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .moe import ExpertParallelMoE
-from .state_dict import gather_state_dict, load_full_state_dict, shard_state_dict
+from .init import init_sharded_
+from .state_dict import full_shape, gather_state_dict, load_full_state_dict, shard_state_dict, shard_tensor
 
 __all__ = [
     "EXPERT_DIM",
@@ -19,8 +20,11 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelCrossEntropy",
     "VocabParallelEmbedding",
+    "full_shape",
     "gather_state_dict",
+    "init_sharded_",
     "load_full_state_dict",
     "shard_state_dict",
+    "shard_tensor",
     "vocab_parallel_cross_entropy",
 ]

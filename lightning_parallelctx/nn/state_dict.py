@@ -46,25 +46,35 @@ def shard_state_dict(full_state_dict: Mapping[str, torch.Tensor], model: torch.n
     out: dict[str, torch.Tensor] = {}
     for key, value in full_state_dict.items():
         p = params.get(key)
-        if p is None or not _splits(p):
-            out[key] = value
-            continue
-        v = value
-        for mode, dim in _splits(p):
-            g = group_info(mode, context)
-            if v.shape[dim] % g.size:
-                raise ParallelCtxError(
-                    f"{key}: full size {v.shape[dim]} along dim {dim} is not divisible by the {mode!r} "
-                    f"group size {g.size}"
-                )
-            v = v.chunk(g.size, dim)[g.rank]
-        if v.shape != p.shape:
-            raise ParallelCtxError(
-                f"{key}: the full tensor {tuple(value.shape)} gives a shard {tuple(v.shape)} but the "
-                f"model's parameter is {tuple(p.shape)}; is the full state dict from the same architecture?"
-            )
-        out[key] = v.clone()
+        out[key] = value if p is None or not _splits(p) else shard_tensor(value, p, context, key).clone()
     return out
+
+
+def shard_tensor(full: torch.Tensor, p: torch.Tensor, context: ContextLike | None = None, key: str = "") -> torch.Tensor:
+    """This rank's piece of ``full`` for parameter ``p`` (a view; ``full`` itself if ``p`` is unsplit)."""
+    v = full
+    for mode, dim in _splits(p):
+        g = group_info(mode, context)
+        if v.shape[dim] % g.size:
+            raise ParallelCtxError(
+                f"{key}: full size {v.shape[dim]} along dim {dim} is not divisible by the {mode!r} "
+                f"group size {g.size}"
+            )
+        v = v.chunk(g.size, dim)[g.rank]
+    if v.shape != p.shape:
+        raise ParallelCtxError(
+            f"{key}: the full tensor {tuple(full.shape)} gives a shard {tuple(v.shape)} but the "
+            f"model's parameter is {tuple(p.shape)}; is the full state dict from the same architecture?"
+        )
+    return v
+
+
+def full_shape(p: torch.Tensor, context: ContextLike | None = None) -> torch.Size:
+    """The shape of the unsplit tensor ``p`` is a piece of (``p.shape`` if it is not split)."""
+    shape = list(p.shape)
+    for mode, dim in _splits(p):
+        shape[dim] *= group_info(mode, context).size
+    return torch.Size(shape)
 
 
 def gather_state_dict(model: torch.nn.Module, context: ContextLike | None = None) -> dict[str, torch.Tensor]:
