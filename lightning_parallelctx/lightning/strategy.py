@@ -10,7 +10,6 @@ TRAPS.md number says which trap it avoids.
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Callable, Generator, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -48,10 +47,12 @@ from ..errors import ParallelConfigError
 from ..initializers import mode_groups_for, resolve_initializer
 from ..layout import RankLayout
 from ..mode import ParallelMode
+from . import atomic
 from . import checkpoint as _ckpt
 from ._grad_sync import GradientHandler, check_gradient_handler_spec, make_gradient_handler
 from .environment import LAUNCHERS, ParallelCtxEnvironment
 from .grad_norm import clip_grad_norm_
+from .resume_data import batches_already_run, make_resumable
 
 _SIZE_NAMES = ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size", "expert_parallel_size")
 
@@ -98,6 +99,8 @@ class ParallelCtxStrategy(ParallelStrategy):
         process_group_backend: ``"gloo"``/``"nccl"``; default from the device.
         timeout: seconds before a collective is declared hung.
         cluster_environment: a Lightning ``ClusterEnvironment`` instead of ``ParallelCtxEnvironment``.
+        async_checkpoint: write checkpoints on a background thread (training goes on after an
+            in-memory copy); see docs/checkpoints.md.
     """
 
     strategy_name = "parallelctx"
@@ -118,6 +121,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         process_group_backend: Literal["gloo", "nccl", "mpi"] | None = None,
         timeout: float = 1800.0,
         cluster_environment: ClusterEnvironment | None = None,
+        async_checkpoint: bool = False,
     ) -> None:
         # Everything is checked here, so a bad YAML value fails at once and not inside fit.
         sizes = {"data_parallel_size": _check_size("data_parallel_size", data_parallel_size, allow_auto=True)}
@@ -152,6 +156,8 @@ class ParallelCtxStrategy(ParallelStrategy):
             raise ParallelConfigError(f"process_group_backend={process_group_backend!r} must be 'gloo', 'nccl', 'mpi' or None")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ParallelConfigError(f"timeout={timeout!r} must be a positive number of seconds")
+        if not isinstance(async_checkpoint, bool):
+            raise ParallelConfigError(f"async_checkpoint={async_checkpoint!r} must be a bool")
         if cluster_environment is not None:
             if not isinstance(cluster_environment, ClusterEnvironment):
                 raise ParallelConfigError(f"cluster_environment={cluster_environment!r} is not a ClusterEnvironment")
@@ -168,6 +174,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._timeout = timedelta(seconds=float(timeout))
         self._context: ParallelContext | None = None
         self._grad_handler: Any = None
+        self._saver = _ckpt.CheckpointSaver(async_save=async_checkpoint)
         self.num_nodes = 1
 
     # ------------------------------------------------------------------ the context
@@ -234,6 +241,13 @@ class ParallelCtxStrategy(ParallelStrategy):
         ctx = self.parallel_context
         return {"num_replicas": ctx.get_world_size(ParallelMode.DATA_SHARD),
                 "rank": ctx.get_local_rank(ParallelMode.DATA_SHARD)}
+
+    def process_dataloader(self, dataloader: object) -> object:
+        # Mid-epoch resume reads the batches the uninterrupted run reads (resume_data.py).
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or not trainer.training:
+            return dataloader
+        return make_resumable(dataloader, lambda: batches_already_run(trainer))
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -398,33 +412,34 @@ class ParallelCtxStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """A directory of per-shard files (see :mod:`.checkpoint`); every rank must call it."""
+        """A torch DCP directory, written atomically by every rank (see :mod:`.checkpoint`)."""
         if storage_options is not None:
             raise TypeError(
                 f"{type(self).__name__}.save_checkpoint got storage_options={storage_options!r}, but it writes a "
-                f"directory of per-shard files with torch.save and has no storage backend to pass them to. "
+                f"torch DCP directory of per-rank files and has no storage backend to pass them to. "
                 f"Fix: call trainer.save_checkpoint(path) without storage_options (write to a local or mounted "
                 f"path and copy the directory afterwards)"
             )
         path = self.broadcast(str(filepath))
         assert self.lightning_module is not None
-        _ckpt.save_sharded_checkpoint(checkpoint, path, self.lightning_module, self.parallel_context)
+        self._saver.save(checkpoint, path, self.lightning_module, self.optimizers, self.parallel_context)
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        self._saver.wait()
         path = self.broadcast(str(checkpoint_path))
         assert self.lightning_module is not None
-        return _ckpt.load_sharded_checkpoint(path, self.lightning_module, self.parallel_context, weights_only)
+        return _ckpt.load_sharded_checkpoint(path, self.lightning_module, self.parallel_context, weights_only,
+                                             self.optimizers)
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:
-            path = Path(filepath)
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+            # Only rank 0 calls it (ModelCheckpoint's top-k pruning): no collective here.
+            self._saver.wait_local()
+            atomic.remove(Path(filepath))
 
     # ------------------------------------------------------------------ teardown
     def teardown(self) -> None:
+        self._saver.wait()
         if self._grad_handler is not None:
             self._grad_handler.remove()
             self._grad_handler = None

@@ -1,0 +1,346 @@
+"""Checkpoints: every shard kept, resume mid-epoch exactly, resume at other layouts, atomic saves.
+
+One spawned 4-process job trains the GPT example (AdamW) at tp2-dp2 for 20 steps (16 batches per
+epoch: the step-10 checkpoint is mid-epoch), then resumes its step-10 checkpoint at tp2-dp2 (must be
+bit-exact), tp4, dp4 and sp2-dp2 (losses and final weights to 1e-5), saves asynchronously with
+top-k pruning, and does the same for the MoE model ep2-dp2 -> ep4. A second job kills one rank in
+the middle of a save and resumes ``ckpt_path="last"``. One process consolidates the step-16
+(epoch-end) checkpoint with its optimizer state and continues with a plain ``Trainer()``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lightning_parallelctx.testing import RankFailure, spawn
+
+pytestmark = pytest.mark.timeout(900)
+TOL = 1e-5
+STEPS = 20
+MODEL = {"vocab_size": 32, "seq_len": 16, "d_model": 32, "n_heads": 4, "n_layers": 1, "lr": 3e-3, "optimizer": "adamw"}
+MOE = {**MODEL, "num_experts": 4, "moe_top_k": 2}
+# 128 samples = 16 batches of 8: step 10 is inside the first epoch, step 16 its end.
+DATA = {"vocab_size": 32, "seq_len": 16, "num_samples": 128, "num_val_samples": 16, "global_batch_size": 8}
+RESUME_AT = {"tp2-dp2": {"tensor_parallel_size": 2, "data_parallel_size": 2},
+             "tp4": {"tensor_parallel_size": 4},
+             "dp4": {"data_parallel_size": 4},
+             "sp2-dp2": {"sequence_parallel_size": 2, "data_parallel_size": 2}}
+
+
+# ------------------------------------------------------------------------------ run in children
+def _data(**kw: Any) -> Any:
+    from examples.gpt.data import GPTDataModule
+
+    return GPTDataModule(**{**DATA, **kw})
+
+
+def _trainer(strategy: Any, callbacks: list, max_steps: int = STEPS, devices: int = 4, **kw: Any) -> Any:
+    import lightning.pytorch as pl
+
+    return pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
+                      enable_checkpointing=any(type(c).__name__ == "ModelCheckpoint" for c in callbacks),
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                      num_sanity_val_steps=0, limit_val_batches=0, **kw)
+
+
+def _losses(out: list) -> Any:
+    import lightning.pytorch as pl
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+            out.append(float(trainer.callback_metrics["train_loss"]))
+
+    return Losses()
+
+
+def _full(model: Any) -> dict[str, torch.Tensor]:
+    from lightning_parallelctx.lightning import gather_full_state_dict
+
+    return gather_full_state_dict(model, model.parallel_context)
+
+
+def _train(sizes: dict, model_kw: dict, callbacks: list, ckpt_path: str | None = None, devices: int = 4,
+           max_steps: int = STEPS, **strategy_kw: Any) -> tuple:
+    import lightning.pytorch as pl
+
+    from examples.gpt.model import GPTLightning
+    from lightning_parallelctx import ParallelCtxStrategy
+
+    pl.seed_everything(1234)
+    losses: list[float] = []
+    model = GPTLightning(**model_kw)
+    trainer = _trainer(ParallelCtxStrategy(**sizes, print_layout=False, **strategy_kw), [_losses(losses), *callbacks],
+                       max_steps=max_steps, devices=devices)
+    trainer.fit(model, _data(), ckpt_path=ckpt_path)
+    return model, trainer, losses
+
+
+def _layouts_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    res: dict[str, Any] = {}
+    # Uninterrupted tp2-dp2, with checkpoints at steps 10 (mid-epoch) and 16 (epoch end).
+    every10 = ModelCheckpoint(dirpath=f"{tmp}/ck", filename="{step}", every_n_train_steps=10, save_top_k=-1)
+    every16 = ModelCheckpoint(dirpath=f"{tmp}/ck16", filename="{step}", every_n_train_steps=16, save_top_k=-1)
+    model, _, losses = _train(RESUME_AT["tp2-dp2"], MODEL, [every10, every16])
+    res["losses"], res["final"] = losses, _full(model)
+    res["files10"] = sorted(os.listdir(f"{tmp}/ck/step=10.ckpt"))
+    res["local_final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, sizes in RESUME_AT.items():
+        model, trainer, resumed = _train(sizes, MODEL, [], ckpt_path=f"{tmp}/ck/step=10.ckpt")
+        res[f"resumed_{name}"] = {"losses": resumed, "final": _full(model), "step": trainer.global_step}
+        if name == "tp2-dp2":
+            res["resumed_local_final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # Asynchronous saves, pruned to the best two: the same run, the same bytes as a synchronous save.
+    top2 = ModelCheckpoint(dirpath=f"{tmp}/async", filename="{step}", every_n_train_steps=5, save_top_k=2,
+                           monitor="step", mode="max")
+    model, _, losses = _train(RESUME_AT["tp2-dp2"], MODEL, [top2], async_checkpoint=True)
+    res["async_losses"] = losses
+    res["async_dirs"] = sorted(os.listdir(f"{tmp}/async"))
+    # MoE: experts split over EXPERT, resumed with another expert-parallel size.
+    every10 = ModelCheckpoint(dirpath=f"{tmp}/moe", filename="{step}", every_n_train_steps=10, save_top_k=-1)
+    model, _, losses = _train({"expert_parallel_size": 2, "data_parallel_size": 2}, MOE, [every10])
+    res["moe"] = {"losses": losses, "final": _full(model)}
+    model, _, resumed = _train({"expert_parallel_size": 4}, MOE, [], ckpt_path=f"{tmp}/moe/step=10.ckpt")
+    res["moe_ep4"] = {"losses": resumed, "final": _full(model)}
+    return res
+
+
+def _plain_trainer_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    """One process, no strategy of ours: continue from the consolidated step-16 checkpoint."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from examples.gpt.data import BigramText
+    from examples.gpt.model import GPTLightning
+    from lightning_parallelctx.lightning.checkpoint import consolidate_to_file
+
+    consolidate_to_file(f"{tmp}/ck16/step=16.ckpt", f"{tmp}/full16.ckpt")
+    consolidate_to_file(f"{tmp}/ck16/step=16.ckpt", f"{tmp}/model16.pt", model_only=True)
+    full = torch.load(f"{tmp}/full16.ckpt", weights_only=False)
+    data = BigramText(DATA["vocab_size"], DATA["seq_len"], DATA["num_samples"])
+    # The permutation Lightning's DistributedSampler gave the parallel run (TRAPS.md #17): its seed
+    # is PL_GLOBAL_SEED, which seed_everything(1234) set.
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=1234)
+    loader = DataLoader(data, batch_size=8, sampler=sampler)
+    losses: list[float] = []
+    model = GPTLightning(**MODEL)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                         callbacks=[_losses(losses)])
+    trainer.fit(model, loader, ckpt_path=f"{tmp}/full16.ckpt", weights_only=False)
+    inference = GPTLightning(**MODEL)
+    inference.configure_model()
+    inference.load_state_dict(torch.load(f"{tmp}/model16.pt", weights_only=True))
+    return {"losses": losses, "final": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "optimizer_keys": sorted(full["optimizer_states"][0]["state"][0]), "step": trainer.global_step,
+            "model16": {k: v.clone() for k, v in inference.state_dict().items()}, "state16": full["state_dict"]}
+
+
+SMALL = {**MODEL, "d_model": 16, "n_heads": 2}
+
+
+def _killed_mid_save_job(rank: int, world_size: int, tmp: str) -> None:
+    """Checkpoints every 2 steps (and last.ckpt); rank 1 dies inside the step-4 save, after its own
+    data is written (a slow storage), before the save completes."""
+    import signal
+    import time
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class DieInNextSave(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if rank == 1 and trainer.global_step == 4:  # runs before ModelCheckpoint's save
+                real = FileSystemWriter.write_data
+
+                def write_then_die(self: Any, plan: Any, planner: Any) -> Any:
+                    real(self, plan, planner).wait()
+                    time.sleep(0.5)
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+                FileSystemWriter.write_data = write_then_die
+
+    ck = ModelCheckpoint(dirpath=f"{tmp}/kill", filename="{step}", every_n_train_steps=2, save_top_k=-1, save_last=True)
+    _train({"data_parallel_size": 2}, SMALL, [DieInNextSave(), ck], devices=2, max_steps=6, timeout=30)
+
+
+def _resume_last_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    seen: dict[str, Any] = {}
+
+    class AtStart(pl.Callback):
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            seen["step"] = trainer.global_step
+            seen["weights"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    ck = ModelCheckpoint(dirpath=f"{tmp}/kill", filename="{step}", every_n_train_steps=2, save_top_k=-1, save_last=True)
+    _, trainer, _ = _train({"data_parallel_size": 2}, SMALL, [AtStart(), ck], ckpt_path="last", devices=2, max_steps=6)
+    seen["end"] = trainer.global_step
+    return seen
+
+
+def _load_bad_job(rank: int, world_size: int, path: str) -> None:
+    _train({"data_parallel_size": 2}, SMALL, [], ckpt_path=path, devices=2, max_steps=6, timeout=60)
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
+    tmp = tmp_path_factory.mktemp("ckpt")
+    return spawn(_layouts_job, 4, str(tmp), timeout=800), tmp
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b), set(a) ^ set(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# ------------------------------------------------------------------------------ tests
+def test_every_shard_saved_once_by_dcp(layouts: tuple) -> None:
+    runs, tmp = layouts
+    # Every rank writes its own DCP file; the marker is the last thing a save writes.
+    assert runs[0]["files10"] == [".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp",
+                                  "__3_0.distcp", "meta.pt"]
+    # Nothing a save leaves behind (no .partial / .old directories).
+    assert sorted(os.listdir(tmp / "ck")) == ["step=10.ckpt", "step=20.ckpt"]
+
+
+def test_same_layout_mid_epoch_resume_is_bit_exact(layouts: tuple) -> None:
+    runs, _ = layouts
+    for r in runs:
+        resumed = r["resumed_tp2-dp2"]
+        assert resumed["step"] == STEPS
+        assert resumed["losses"] == r["losses"][10:], (resumed["losses"][:3], r["losses"][10:13])
+        assert all(torch.equal(v, r["resumed_local_final"][k]) for k, v in r["local_final"].items())
+
+
+@pytest.mark.parametrize("layout", ["tp4", "dp4", "sp2-dp2"])
+def test_resume_at_another_layout(layout: str, layouts: tuple) -> None:
+    runs, _ = layouts
+    for r in runs:
+        resumed = r[f"resumed_{layout}"]
+        assert len(resumed["losses"]) == STEPS - 10
+        assert max(abs(a - b) for a, b in zip(resumed["losses"], r["losses"][10:])) < TOL
+    # The optimizer's moments came back too: without them the losses after step 10 drift by ~1e-2.
+    assert _max_diff(runs[0][f"resumed_{layout}"]["final"], runs[0]["final"]) < TOL
+
+
+def test_moe_resume_at_another_expert_size(layouts: tuple) -> None:
+    runs, _ = layouts
+    for r in runs:
+        assert len(r["moe_ep4"]["losses"]) == STEPS - 10
+        assert max(abs(a - b) for a, b in zip(r["moe_ep4"]["losses"], r["moe"]["losses"][10:])) < TOL
+    assert _max_diff(runs[0]["moe_ep4"]["final"], runs[0]["moe"]["final"]) < TOL
+
+
+def test_async_save_trains_the_same_and_prunes(layouts: tuple) -> None:
+    runs, tmp = layouts
+    assert all(r["async_losses"] == r["losses"] for r in runs)
+    # save_top_k=2 by step: 15 and 20 remain, complete; 5 and 10 were removed; no leftovers.
+    assert runs[0]["async_dirs"] == ["step=15.ckpt", "step=20.ckpt"]
+    from lightning_parallelctx.lightning.checkpoint import consolidate_checkpoint
+
+    sync, asyn = consolidate_checkpoint(tmp / "ck/step=20.ckpt"), consolidate_checkpoint(tmp / "async/step=20.ckpt")
+    assert all(torch.equal(v, asyn["state_dict"][k]) for k, v in sync["state_dict"].items())
+    for k, entry in sync["optimizer_states"][0]["state"].items():
+        assert all(torch.equal(v, asyn["optimizer_states"][0]["state"][k][n]) for n, v in entry.items())
+
+
+def test_consolidated_checkpoint_continues_in_a_plain_trainer(layouts: tuple) -> None:
+    runs, tmp = layouts
+    (plain,) = spawn(_plain_trainer_job, 1, str(tmp), timeout=300)
+    assert plain["optimizer_keys"] == ["exp_avg", "exp_avg_sq", "step"]
+    assert plain["step"] == STEPS
+    assert max(abs(a - b) for a, b in zip(plain["losses"], runs[0]["losses"][16:])) < TOL
+    assert len(plain["losses"]) == STEPS - 16
+    assert _max_diff(plain["final"], runs[0]["final"]) < TOL
+    # The model-only export is the consolidated model, loadable with weights_only=True.
+    assert _max_diff(plain["model16"], plain["state16"]) == 0.0
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("kill")
+    with pytest.raises(RankFailure) as failure:
+        spawn(_killed_mid_save_job, 2, str(tmp), timeout=180)
+    assert "rank 1 exited with code -9" in str(failure.value), str(failure.value)[-2000:]
+    return tmp
+
+
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(killed: Path) -> None:
+    from lightning_parallelctx.lightning.checkpoint import consolidate_checkpoint
+
+    names = sorted(os.listdir(killed / "kill"))
+    # step=4's save never completed: only its hidden .partial directory exists, unmarked.
+    assert names == [".step=4.ckpt.partial", "last.ckpt", "step=2.ckpt"], names
+    assert not (killed / "kill/.step=4.ckpt.partial/COMPLETE").exists()
+    assert any(f.suffix == ".distcp" for f in (killed / "kill/.step=4.ckpt.partial").iterdir())  # it was mid-write
+    assert consolidate_checkpoint(killed / "kill/last.ckpt")["global_step"] == 2
+    # ckpt_path="last" resumes from the step-2 checkpoint, exactly, and trains on.
+    step2 = consolidate_checkpoint(killed / "kill/step=2.ckpt")["state_dict"]
+    runs = spawn(_resume_last_job, 2, str(killed), timeout=180)
+    for r in runs:
+        assert r["step"] == 2 and r["end"] == 6
+        assert all(torch.equal(v, step2[k]) for k, v in r["weights"].items())
+    # The next save of step 4 replaced the leftover.
+    assert sorted(os.listdir(killed / "kill")) == ["last.ckpt", "step=2.ckpt", "step=4.ckpt", "step=6.ckpt"]
+
+
+def _damage(src: Path, dst: Path, how: str) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    if how == "truncated meta":
+        (dst / "meta.pt").write_bytes((dst / "meta.pt").read_bytes()[:100])
+    elif how == "truncated shard":
+        f = dst / "__1_0.distcp"
+        f.write_bytes(f.read_bytes()[:64])
+    elif how == "no marker":
+        (dst / "COMPLETE").unlink()
+    elif how == "foreign":
+        shutil.rmtree(dst)
+        dst.mkdir()
+        (dst / "weights.bin").write_bytes(b"x" * 10)
+    elif how == "corrupt metadata":
+        (dst / ".metadata").write_bytes(b"not a pickle")
+    return dst
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated meta", r"meta\.pt is truncated or corrupt"),
+    ("truncated shard", r"reading the DCP shards failed"),
+    ("no marker", r"has no COMPLETE marker: its save did not finish"),
+    ("foreign", r"is a directory but not a checkpoint of this library"),
+    ("corrupt metadata", r"\.metadata cannot be read"),
+])
+def test_a_damaged_checkpoint_is_a_clear_error_on_every_rank(killed: Path, tmp_path: Path, how: str, message: str) -> None:
+    import re
+
+    bad = _damage(killed / "kill/step=2.ckpt", tmp_path / "bad.ckpt", how)
+    with pytest.raises(RankFailure) as failure:
+        spawn(_load_bad_job, 2, str(bad), timeout=120)
+    assert sorted(failure.value.errors) == [0, 1]
+    for tb in failure.value.errors.values():
+        assert "CheckpointLayoutError" in tb and str(bad) in tb and re.search(message, tb), tb[-1500:]
+
+
+def test_weights_only_load(killed: Path) -> None:
+    from lightning_parallelctx.lightning.checkpoint import _load
+
+    # Lightning's metadata is plain containers and tensors: torch's safe loader reads it.
+    meta = _load(killed / "kill/step=2.ckpt/meta.pt", weights_only=True)
+    assert meta["global_step"] == 2 and meta["pctx"]["format"] == "dcp"
