@@ -54,7 +54,7 @@ from ..errors import ParallelCtxError
 from ..markers import is_expert, tensor_parallel_dim
 from . import atomic
 from .dtensor_state import (
-    from_dtensor,
+    local_like,
     named_to_optimizer,
     optimizer_to_named,
     present,
@@ -292,7 +292,8 @@ def _load_dcp(path: Path, module: torch.nn.Module, ctx: ParallelContext, weights
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - re-raised naming the file
         raise CheckpointLayoutError(f"{path / DCP_METADATA} cannot be read ({type(err).__name__}: {err}): the "
                                     f"checkpoint is corrupt or truncated") from err
-    local = {k: torch.zeros_like(v) for k, v in module.state_dict().items() if f"state_dict.{k}" in saved}
+    live = module.state_dict()
+    local = {k: torch.zeros_like(v) for k, v in live.items() if f"state_dict.{k}" in saved}
     target: dict[str, Any] = {"state_dict": present(local, splits_by_name(module), ctx)}
     manifest = info.get("optimizers", [])
     if optimizers and manifest:
@@ -310,7 +311,7 @@ def _load_dcp(path: Path, module: torch.nn.Module, ctx: ParallelContext, weights
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - re-raised naming the file
         raise CheckpointLayoutError(f"{path}: reading the DCP shards failed ({_describe(err)}); the "
                                     f"checkpoint is corrupt, truncated or not saved from this model") from err
-    meta["state_dict"] = {k: from_dtensor(v) for k, v in target["state_dict"].items()}
+    meta["state_dict"] = {k: local_like(v, live[k]) for k, v in target["state_dict"].items()}
     if optimizers and manifest:
         meta["optimizer_states"] = [
             named_to_optimizer({"state": target[f"optimizer_{i}"]["state"], "param_groups": m["param_groups"]}, opt, module)

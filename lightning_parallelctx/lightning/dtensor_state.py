@@ -82,6 +82,12 @@ def from_dtensor(value: Any) -> Any:
     return value.to_local() if isinstance(value, DTensor) else value
 
 
+def local_like(value: Any, live: Any) -> Any:
+    """``value`` as the model holds it: a DTensor stays one where the model's own tensor is a DTensor
+    (FSDP2 / parallelize_module), the library's presented shards go back to plain local tensors."""
+    return value if isinstance(live, DTensor) else from_dtensor(value)
+
+
 def present(state: Mapping[str, Any], splits: Mapping[str, list[Split]], ctx: ParallelContext) -> dict[str, Any]:
     """A state dict with every split tensor as a DTensor (the rest unchanged)."""
     return {k: to_dtensor(v, splits[k], ctx) if k in splits and isinstance(v, torch.Tensor) else v
@@ -133,8 +139,9 @@ def named_to_optimizer(named: Mapping[str, Any], optimizer: torch.optim.Optimize
     if missing:
         raise ParallelCtxError(f"the checkpoint's optimizer holds parameters {missing[:5]} that this model's "
                                f"optimizer does not; is it the same model?")
+    params = dict(module.named_parameters())
     return {
-        "state": {index[n]: {k: from_dtensor(v) for k, v in entry.items()} for n, entry in named["state"].items()},
+        "state": {index[n]: {k: local_like(v, params[n]) for k, v in entry.items()} for n, entry in named["state"].items()},
         "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
                          for g in named["param_groups"]],
     }
