@@ -63,6 +63,30 @@ def _losses(out: list) -> Any:
     return Losses()
 
 
+def _rng_probe(out: dict) -> Any:
+    """Per-mode RNG streams in use (drawn from every batch); their state at step 10 and at the start
+    of a resumed fit."""
+    import lightning.pytorch as pl
+
+    from lightning_parallelctx.random import get_rng_state, model_parallel_rng, model_parallel_seed
+
+    class Probe(pl.Callback):
+        def setup(self, trainer: Any, module: Any, stage: str) -> None:
+            model_parallel_seed(7, module.parallel_context)
+
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            out.setdefault("start", get_rng_state())  # the first batch of the fit, before its draws
+            with model_parallel_rng("tensor"):
+                torch.rand(3)
+            torch.rand(3)
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step == 10 and "step10" not in out:
+                out["step10"] = get_rng_state()
+
+    return Probe()
+
+
 def _full(model: Any) -> dict[str, torch.Tensor]:
     from lightning_parallelctx.lightning import gather_full_state_dict
 
@@ -92,13 +116,16 @@ def _layouts_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     # Uninterrupted tp2-dp2, with checkpoints at steps 10 (mid-epoch) and 16 (epoch end).
     every10 = ModelCheckpoint(dirpath=f"{tmp}/ck", filename="{step}", every_n_train_steps=10, save_top_k=-1)
     every16 = ModelCheckpoint(dirpath=f"{tmp}/ck16", filename="{step}", every_n_train_steps=16, save_top_k=-1)
-    model, _, losses = _train(RESUME_AT["tp2-dp2"], MODEL, [every10, every16])
-    res["losses"], res["final"] = losses, _full(model)
+    rng: dict[str, Any] = {}
+    model, _, losses = _train(RESUME_AT["tp2-dp2"], MODEL, [every10, every16, _rng_probe(rng)])
+    res["losses"], res["final"], res["rng10"] = losses, _full(model), rng["step10"]
     res["files10"] = sorted(os.listdir(f"{tmp}/ck/step=10.ckpt"))
     res["local_final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, sizes in RESUME_AT.items():
-        model, trainer, resumed = _train(sizes, MODEL, [], ckpt_path=f"{tmp}/ck/step=10.ckpt")
-        res[f"resumed_{name}"] = {"losses": resumed, "final": _full(model), "step": trainer.global_step}
+        rng = {}
+        model, trainer, resumed = _train(sizes, MODEL, [_rng_probe(rng)], ckpt_path=f"{tmp}/ck/step=10.ckpt")
+        res[f"resumed_{name}"] = {"losses": resumed, "final": _full(model), "step": trainer.global_step,
+                                  "rng_start": rng["start"]}
         if name == "tp2-dp2":
             res["resumed_local_final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Asynchronous saves, pruned to the best two: the same run, the same bytes as a synchronous save.
@@ -226,6 +253,13 @@ def test_same_layout_mid_epoch_resume_is_bit_exact(layouts: tuple) -> None:
         assert resumed["step"] == STEPS
         assert resumed["losses"] == r["losses"][10:], (resumed["losses"][:3], r["losses"][10:13])
         assert all(torch.equal(v, r["resumed_local_final"][k]) for k, v in r["local_final"].items())
+        # Each rank's generators (default and per-mode streams) are back as they were at step 10.
+        saved, restored = r["rng10"], resumed["rng_start"]
+        assert torch.equal(saved["default"]["cpu"], restored["default"]["cpu"])
+        assert set(saved["streams"]) == set(restored["streams"]) == {"tensor", "sequence", "expert"}
+        assert all(torch.equal(saved["streams"][n]["cpu"], restored["streams"][n]["cpu"]) for n in saved["streams"])
+    # ... and they are per rank: the tensor stream differs across TENSOR ranks (0 and 1).
+    assert not torch.equal(runs[0]["rng10"]["streams"]["tensor"]["cpu"], runs[1]["rng10"]["streams"]["tensor"]["cpu"])
 
 
 @pytest.mark.parametrize("layout", ["tp4", "dp4", "sp2-dp2"])

@@ -66,6 +66,8 @@ META_FILE = "meta.pt"
 DCP_METADATA = ".metadata"
 SHARD_RE = re.compile(r"shard-tp(\d+)-pp(\d+)-ep(\d+)\.pt")  # format 1 (per-shard torch.save files)
 FORMAT_VERSION = 2
+#: Key of the loaded checkpoint dict holding this rank's saved generators (same layout only).
+RNG_KEY = "pctx_rng_state"
 
 
 class CheckpointLayoutError(ParallelCtxError, ValueError):
@@ -317,9 +319,11 @@ def _load_dcp(path: Path, module: torch.nn.Module, ctx: ParallelContext, weights
             named_to_optimizer({"state": target[f"optimizer_{i}"]["state"], "param_groups": m["param_groups"]}, opt, module)
             for i, (m, opt) in enumerate(zip(manifest, optimizers))]
     if same_layout:
-        # Each rank's own streams; at another layout the per-rank streams have no counterpart.
+        # Each rank's own streams; at another layout the per-rank streams have no counterpart. The
+        # caller applies them (the strategy: at train start, after the resumed epoch's DataLoader
+        # iterator has drawn its seed, which the uninterrupted run drew before the save).
         target[rng_key].seek(0)
-        pctx_random.set_rng_state(torch.load(target[rng_key], weights_only=True))
+        meta[RNG_KEY] = torch.load(target[rng_key], weights_only=True)
     return meta
 
 

@@ -47,6 +47,7 @@ from ..errors import ParallelConfigError
 from ..initializers import mode_groups_for, resolve_initializer
 from ..layout import RankLayout
 from ..mode import ParallelMode
+from ..random import set_rng_state
 from . import atomic
 from . import checkpoint as _ckpt
 from ._grad_sync import GradientHandler, check_gradient_handler_spec, make_gradient_handler
@@ -175,6 +176,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._context: ParallelContext | None = None
         self._grad_handler: Any = None
         self._saver = _ckpt.CheckpointSaver(async_save=async_checkpoint)
+        self._rng_state: dict[str, Any] | None = None
         self.num_nodes = 1
 
     # ------------------------------------------------------------------ the context
@@ -428,8 +430,17 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._saver.wait()
         path = self.broadcast(str(checkpoint_path))
         assert self.lightning_module is not None
-        return _ckpt.load_sharded_checkpoint(path, self.lightning_module, self.parallel_context, weights_only,
-                                             self.optimizers)
+        checkpoint = _ckpt.load_sharded_checkpoint(path, self.lightning_module, self.parallel_context, weights_only,
+                                                   self.optimizers)
+        self._rng_state = checkpoint.pop(_ckpt.RNG_KEY, None)
+        return checkpoint
+
+    def on_train_start(self) -> None:
+        # A resumed fit draws a DataLoader seed when its epoch's iterator is made, after the restore;
+        # the uninterrupted run drew it before the save: set the generators after that draw.
+        if self._rng_state is not None:
+            set_rng_state(self._rng_state)
+            self._rng_state = None
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:
