@@ -131,7 +131,14 @@ def _layouts_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     # Asynchronous saves, pruned to the best two: the same run, the same bytes as a synchronous save.
     top2 = ModelCheckpoint(dirpath=f"{tmp}/async", filename="{step}", every_n_train_steps=5, save_top_k=2,
                            monitor="step", mode="max")
-    model, _, losses = _train(RESUME_AT["tp2-dp2"], MODEL, [top2], async_checkpoint=True)
+    import lightning.pytorch as pl
+
+    class At15(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+            if trainer.global_step == 15:  # before ModelCheckpoint's save of step 15 (callbacks run first)
+                res["full15"] = _full(module)
+
+    model, _, losses = _train(RESUME_AT["tp2-dp2"], MODEL, [At15(), top2], async_checkpoint=True)
     res["async_losses"] = losses
     res["async_dirs"] = sorted(os.listdir(f"{tmp}/async"))
     # MoE: experts split over EXPERT, resumed with another expert-parallel size.
@@ -292,6 +299,10 @@ def test_async_save_trains_the_same_and_prunes(layouts: tuple) -> None:
     assert all(torch.equal(v, asyn["state_dict"][k]) for k, v in sync["state_dict"].items())
     for k, entry in sync["optimizer_states"][0]["state"].items():
         assert all(torch.equal(v, asyn["optimizer_states"][0]["state"][k][n]) for n, v in entry.items())
+    # Steps 16-19 trained while step 15 was written: the file holds step 15's weights, not later ones.
+    at15 = consolidate_checkpoint(tmp / "async/step=15.ckpt")
+    assert at15["global_step"] == 15
+    assert all(torch.equal(v, at15["state_dict"][k]) for k, v in runs[0]["full15"].items())
 
 
 def test_consolidated_checkpoint_continues_in_a_plain_trainer(layouts: tuple) -> None:

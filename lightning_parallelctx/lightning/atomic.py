@@ -54,12 +54,12 @@ def begin(final: Path) -> Path:
     return tmp
 
 
-def commit(final: Path, marker_text: str = "") -> None:
-    """Rank 0, after every rank's files are written: mark ``.partial`` complete and move it to ``final``."""
+def commit(final: Path, unsynced: "list[Path] | None" = None, marker_text: str = "") -> None:
+    """Rank 0, after every rank's files are written and synced: fsync ``unsynced`` (all files when
+    None), mark ``.partial`` complete and move it to ``final``."""
     tmp = partial_dir(final)
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            fsync_file(f)
+    for f in unsynced if unsynced is not None else [f for f in tmp.rglob("*") if f.is_file()]:
+        fsync_file(f)
     marker = tmp / MARKER
     marker.write_text(marker_text)
     fsync_file(marker)

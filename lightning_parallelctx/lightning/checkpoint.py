@@ -152,28 +152,16 @@ def _check_target(path: Path) -> None:
 
 
 def _write_meta(rest: Mapping[str, Any], path: Path) -> None:
-    torch.save(dict(rest), atomic.partial_dir(path) / META_FILE)
-    atomic.commit(path, marker_text=f"format {FORMAT_VERSION}\n")
-
-
-def _clone_local(state: Any) -> Any:
-    """A copy training cannot change (async save): on CPU ``.cpu()`` is the live tensor itself."""
-    if isinstance(state, DTensor):
-        return DTensor.from_local(state.to_local().detach().clone(), state.device_mesh, state.placements,
-                                  run_check=False, shape=state.shape, stride=state.stride())
-    if isinstance(state, torch.Tensor):
-        return state.detach().clone()
-    if isinstance(state, dict):
-        return {k: _clone_local(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_clone_local(v) for v in state]
-    return state
+    meta = atomic.partial_dir(path) / META_FILE
+    torch.save(dict(rest), meta)
+    # DCP's writer fsynced its own files (sync_files=True); meta.pt and the marker are synced here.
+    atomic.commit(path, [meta], marker_text=f"format {FORMAT_VERSION}\n")
 
 
 class CheckpointSaver:
     """Writes checkpoints for one strategy; at most one asynchronous save in flight at a time.
 
-    ``async_save=True``: the state is copied in memory (a short stall), then written by DCP on a
+    ``async_save=True``: the state is copied in memory (the stall), then written by DCP on a
     background thread over a separate gloo group (the training's collectives keep theirs); rank 0
     marks and renames the directory when every rank's data is written. A later save, a load, a
     removal and teardown wait for it first, and re-raise its error.
@@ -207,7 +195,9 @@ class CheckpointSaver:
             return
         if self._group is None:
             self._group = dist.new_group(backend="gloo")
-        future = dcp.async_save(_clone_local(state), storage_writer=writer, process_group=self._group)
+        # DCP's default stager copies every tensor before returning (on CPU too): training may go
+        # on changing the parameters while the copy is written. (The async test checks it.)
+        future = dcp.async_save(state, storage_writer=writer, process_group=self._group)
         self._committed.clear()
         if ctx.get_global_rank() == 0:
             future.add_done_callback(lambda f: self._finish(f, rest, path))

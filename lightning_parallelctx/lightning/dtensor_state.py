@@ -17,6 +17,7 @@ Rank math only (no communication): DTensor.from_local(run_check=False) talks to 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -63,6 +64,19 @@ def _full_shape(local: torch.Size, splits: list[Split], ctx: ParallelContext) ->
     return shape
 
 
+_SUB_MESHES: "weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], Any]]" = weakref.WeakKeyDictionary()
+
+
+def _sub_mesh(ctx: ParallelContext, axes: tuple[str, ...]) -> Any:
+    # Slicing a DeviceMesh costs milliseconds; a model has hundreds of tensors: once per context.
+    mesh = ctx.device_mesh
+    cache = _SUB_MESHES.setdefault(mesh, {})
+    if axes not in cache:
+        names = tuple(SHORT_NAMES[a] for a in axes)
+        cache[axes] = mesh[names] if len(names) > 1 else mesh[names[0]]
+    return cache[axes]
+
+
 def to_dtensor(local: torch.Tensor, splits: list[Split], ctx: ParallelContext) -> torch.Tensor:
     """``local`` (this rank's shard) as a DTensor over the split axes of ``ctx.device_mesh``."""
     if isinstance(local, DTensor) or not splits:
@@ -70,8 +84,7 @@ def to_dtensor(local: torch.Tensor, splits: list[Split], ctx: ParallelContext) -
     axes = [axis for axis, _ in splits]
     if all(ctx.get_world_size(a) == 1 for a in axes):
         return local  # not split in this layout: the whole tensor, a plain one
-    mesh = ctx.device_mesh
-    sub = mesh[tuple(SHORT_NAMES[a] for a in axes)] if len(axes) > 1 else mesh[SHORT_NAMES[axes[0]]]
+    sub = _sub_mesh(ctx, tuple(axes))
     shape = _full_shape(local.shape, splits, ctx)
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local.detach(), sub, [Shard(d) for _, d in splits], run_check=False,
