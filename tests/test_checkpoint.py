@@ -94,7 +94,7 @@ def _full(model: Any) -> dict[str, torch.Tensor]:
 
 
 def _train(sizes: dict, model_kw: dict, callbacks: list, ckpt_path: str | None = None, devices: int = 4,
-           max_steps: int = STEPS, **strategy_kw: Any) -> tuple:
+           max_steps: int = STEPS, weights_only: bool | None = None, **strategy_kw: Any) -> tuple:
     import lightning.pytorch as pl
 
     from examples.gpt.model import GPTLightning
@@ -105,7 +105,7 @@ def _train(sizes: dict, model_kw: dict, callbacks: list, ckpt_path: str | None =
     model = GPTLightning(**model_kw)
     trainer = _trainer(ParallelCtxStrategy(**sizes, print_layout=False, **strategy_kw), [_losses(losses), *callbacks],
                        max_steps=max_steps, devices=devices)
-    trainer.fit(model, _data(), ckpt_path=ckpt_path)
+    trainer.fit(model, _data(), ckpt_path=ckpt_path, weights_only=weights_only)
     return model, trainer, losses
 
 
@@ -121,6 +121,16 @@ def _layouts_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     res["losses"], res["final"], res["rng10"] = losses, _full(model), rng["step10"]
     res["files10"] = sorted(os.listdir(f"{tmp}/ck/step=10.ckpt"))
     res["local_final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # A consolidated (full, single-file) checkpoint with optimizer state, cut to tp4 shards on load.
+    import torch.distributed as dist
+
+    from lightning_parallelctx.lightning.checkpoint import consolidate_to_file
+
+    if rank == 0:
+        consolidate_to_file(f"{tmp}/ck16/step=16.ckpt", f"{tmp}/full16.ckpt")
+    dist.barrier()
+    model, _, resumed = _train(RESUME_AT["tp4"], MODEL, [], ckpt_path=f"{tmp}/full16.ckpt")
+    res["from_full_tp4"] = {"losses": resumed, "final": _full(model)}
     for name, sizes in RESUME_AT.items():
         rng = {}
         model, trainer, resumed = _train(sizes, MODEL, [_rng_probe(rng)], ckpt_path=f"{tmp}/ck/step=10.ckpt")
@@ -222,7 +232,9 @@ def _resume_last_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
             seen["weights"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     ck = ModelCheckpoint(dirpath=f"{tmp}/kill", filename="{step}", every_n_train_steps=2, save_top_k=-1, save_last=True)
-    _, trainer, _ = _train({"data_parallel_size": 2}, SMALL, [AtStart(), ck], ckpt_path="last", devices=2, max_steps=6)
+    # weights_only=True: torch's safe unpickler reads every file of the checkpoint.
+    _, trainer, _ = _train({"data_parallel_size": 2}, SMALL, [AtStart(), ck], ckpt_path="last", devices=2, max_steps=6,
+                           weights_only=True)
     seen["end"] = trainer.global_step
     return seen
 
@@ -278,6 +290,14 @@ def test_resume_at_another_layout(layout: str, layouts: tuple) -> None:
         assert max(abs(a - b) for a, b in zip(resumed["losses"], r["losses"][10:])) < TOL
     # The optimizer's moments came back too: without them the losses after step 10 drift by ~1e-2.
     assert _max_diff(runs[0][f"resumed_{layout}"]["final"], runs[0]["final"]) < TOL
+
+
+def test_consolidated_file_resumes_at_another_layout(layouts: tuple) -> None:
+    runs, _ = layouts
+    for r in runs:
+        assert len(r["from_full_tp4"]["losses"]) == STEPS - 16
+        assert max(abs(a - b) for a, b in zip(r["from_full_tp4"]["losses"], r["losses"][16:])) < TOL
+    assert _max_diff(runs[0]["from_full_tp4"]["final"], runs[0]["final"]) < TOL
 
 
 def test_moe_resume_at_another_expert_size(layouts: tuple) -> None:
