@@ -34,7 +34,9 @@ DATA = {"vocab_size": 32, "seq_len": 16, "num_samples": 128, "num_val_samples": 
 RESUME_AT = {"tp2-dp2": {"tensor_parallel_size": 2, "data_parallel_size": 2},
              "tp4": {"tensor_parallel_size": 4},
              "dp4": {"data_parallel_size": 4},
-             "sp2-dp2": {"sequence_parallel_size": 2, "data_parallel_size": 2}}
+             "sp2-dp2": {"sequence_parallel_size": 2, "data_parallel_size": 2},
+             # The same sizes, data-parallel innermost: every rank holds another shard than it saved.
+             "tp2-dp2-dp-inner": {"tensor_parallel_size": 2, "data_parallel_size": 2, "order": "dp-tp-sp-ep-pp"}}
 
 
 # ------------------------------------------------------------------------------ run in children
@@ -281,7 +283,7 @@ def test_same_layout_mid_epoch_resume_is_bit_exact(layouts: tuple) -> None:
     assert not torch.equal(runs[0]["rng10"]["streams"]["tensor"]["cpu"], runs[1]["rng10"]["streams"]["tensor"]["cpu"])
 
 
-@pytest.mark.parametrize("layout", ["tp4", "dp4", "sp2-dp2"])
+@pytest.mark.parametrize("layout", ["tp4", "dp4", "sp2-dp2", "tp2-dp2-dp-inner"])
 def test_resume_at_another_layout(layout: str, layouts: tuple) -> None:
     runs, _ = layouts
     for r in runs:
@@ -490,3 +492,25 @@ def test_fsdp2_parameters_every_shard_saved_and_resharded(tmp_path: Path) -> Non
     full = consolidate_checkpoint(tmp_path / "fsdp/step=5.ckpt")
     assert full["state_dict"]["net.0.weight"].shape == (32, 8)
     assert len(full["optimizer_states"][0]["state"]) == 4
+
+
+# ------------------------------------------------------------------------------ atomic replacement
+def test_replacing_a_checkpoint_never_leaves_none(tmp_path: Path) -> None:
+    from lightning_parallelctx.lightning import atomic
+
+    final = tmp_path / "last.ckpt"
+    for step in (1, 2):
+        atomic.begin(final)
+        (atomic.partial_dir(final) / "data").write_text(str(step))
+        atomic.commit(final)
+        assert (final / "data").read_text() == str(step) and atomic.is_complete(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    # Killed between "old out of the way" and "new in place": the complete old copy is found.
+    atomic.begin(final)
+    (atomic.partial_dir(final) / "data").write_text("3")
+    final.rename(atomic.old_dir(final))
+    assert atomic.resolve_complete(final) == atomic.old_dir(final)
+    # Killed before the marker: never complete.
+    assert not atomic.is_complete(atomic.partial_dir(final))
+    atomic.remove(final)
+    assert list(tmp_path.iterdir()) == []
