@@ -157,8 +157,9 @@ def _layouts_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     every10 = ModelCheckpoint(dirpath=f"{tmp}/moe", filename="{step}", every_n_train_steps=10, save_top_k=-1)
     model, _, losses = _train({"expert_parallel_size": 2, "data_parallel_size": 2}, MOE, [every10])
     res["moe"] = {"losses": losses, "final": _full(model)}
-    model, _, resumed = _train({"expert_parallel_size": 4}, MOE, [], ckpt_path=f"{tmp}/moe/step=10.ckpt")
+    model, trainer, resumed = _train({"expert_parallel_size": 4}, MOE, [], ckpt_path=f"{tmp}/moe/step=10.ckpt")
     res["moe_ep4"] = {"losses": resumed, "final": _full(model)}
+    trainer.save_checkpoint(f"{tmp}/weights_only.ckpt", weights_only=True)
     return res
 
 
@@ -308,6 +309,12 @@ def test_moe_resume_at_another_expert_size(layouts: tuple) -> None:
         assert len(r["moe_ep4"]["losses"]) == STEPS - 10
         assert max(abs(a - b) for a, b in zip(r["moe_ep4"]["losses"], r["moe"]["losses"][10:])) < TOL
     assert _max_diff(runs[0]["moe_ep4"]["final"], runs[0]["moe"]["final"]) < TOL
+    # save_checkpoint(weights_only=True): the model alone, every expert shard.
+    from lightning_parallelctx.lightning.checkpoint import consolidate_checkpoint
+
+    _, tmp = layouts
+    full = consolidate_checkpoint(tmp / "weights_only.ckpt")
+    assert full["optimizer_states"] == [] and _max_diff(full["state_dict"], runs[0]["moe_ep4"]["final"]) == 0.0
 
 
 def test_async_save_trains_the_same_and_prunes(layouts: tuple) -> None:

@@ -123,8 +123,8 @@ def build_state(checkpoint: Mapping[str, Any], module: torch.nn.Module, optimize
     """(what DCP writes, what rank 0 writes to meta.pt) from this rank's Lightning checkpoint dict."""
     rest = dict(checkpoint)
     state: dict[str, Any] = {"state_dict": present(rest.pop("state_dict"), splits_by_name(module), ctx)}
-    osds = rest.pop("optimizer_states", [])
-    if len(osds) != len(optimizers):
+    osds = rest.pop("optimizer_states", [])  # none for save_checkpoint(weights_only=True)
+    if osds and len(osds) != len(optimizers):
         raise CheckpointLayoutError(f"the checkpoint holds {len(osds)} optimizer states but the strategy has "
                                     f"{len(optimizers)} optimizers")
     params = dict(module.named_parameters())
