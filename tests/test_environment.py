@@ -223,8 +223,8 @@ def test_pipeline_parallel_is_refused_until_there_is_a_schedule(pp: int) -> None
 
 
 def test_save_checkpoint_refuses_storage_options_saying_what_to_do(tmp_path) -> None:
-    with pytest.raises(TypeError, match=r"storage_options=\{'acl': 'private'\}, but it writes a directory of "
-                                        r"per-shard files.*Fix: call trainer\.save_checkpoint\(path\) without"):
+    with pytest.raises(TypeError, match=r"storage_options=\{'acl': 'private'\}, but it writes a torch DCP "
+                                        r"directory of per-rank files.*Fix: call trainer\.save_checkpoint\(path\) without"):
         ParallelCtxStrategy().save_checkpoint({}, tmp_path / "ckpt", storage_options={"acl": "private"})
     assert not (tmp_path / "ckpt").exists()
 

@@ -307,8 +307,9 @@ def test_validate_test_keep_shards_and_context(reference: dict, parallel: list[d
 
 def test_checkpoint_resume_restores_every_shard(reference: dict, parallel: list[dict]) -> None:
     runs = [r["tp2-dp2"] for r in parallel]
-    # TRAPS.md #14: one file per distinct shard, and every rank gets its own shard back exactly.
-    assert runs[0]["ckpt_files"] == ["meta.pt", "shard-tp00-pp00-ep00.pt", "shard-tp01-pp00-ep00.pt"]
+    # TRAPS.md #14: a torch DCP directory (every rank writes its file, shards as DTensors), complete,
+    # and every rank gets its own shard back exactly.
+    assert runs[0]["ckpt_files"] == [".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp", "meta.pt"]
     assert all(r["restored_exactly"] for r in runs)
     # Step 10 -> 20 after resuming == the last 10 steps of the uninterrupted run, on every rank.
     for r in runs:

@@ -206,8 +206,8 @@ def test_routing_has_no_near_ties(reference: dict) -> None:
 
 def test_expert_checkpoint_resume_and_consolidation(reference: dict, parallel: list[dict]) -> None:
     runs = [r["ep2-dp2"] for r in parallel]
-    # One file per distinct shard: the two EXPERT ranks' (DATA replicas write nothing more).
-    assert runs[0]["ckpt_files"] == ["meta.pt", "shard-tp00-pp00-ep00.pt", "shard-tp00-pp00-ep01.pt"]
+    # A torch DCP directory (expert shards as DTensors over EXPERT), complete.
+    assert runs[0]["ckpt_files"] == [".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp", "meta.pt"]
     for r in runs:  # step 10 -> 20 after resuming == the last 10 steps of the uninterrupted run
         assert len(r["resumed_losses"]) == STEPS // 2
         assert max(abs(a - b) for a, b in zip(r["resumed_losses"], r["losses"][STEPS // 2:])) < 1e-6

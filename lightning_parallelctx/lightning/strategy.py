@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Callable, Generator, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -50,6 +49,8 @@ from ..launchers import LaunchInfo
 from ..layout import RankLayout
 from ..mode import ParallelMode
 from ..rendezvous import rendezvous_store
+from ..random import set_rng_state
+from . import atomic
 from . import checkpoint as _ckpt
 from ._grad_sync import GradientHandler, check_gradient_handler_spec, check_manual_optimization, make_gradient_handler
 from .batchnorm import convert_sync_batchnorm, revert_sync_batchnorm
@@ -61,6 +62,7 @@ from .replicas import ReplicaBufferSync, sync_replicas_at_fit_start
 from .fsdp import check_marks_kept, shard_model
 from .mesh import lightning_device_mesh
 from .meta import materialize_meta
+from .resume_data import batches_already_run, make_resumable
 
 _SIZE_NAMES = ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size", "expert_parallel_size")
 
@@ -113,6 +115,8 @@ class ParallelCtxStrategy(ParallelStrategy):
         process_group_backend: ``"gloo"``/``"nccl"``; default from the device.
         timeout: seconds before a collective is declared hung.
         cluster_environment: a Lightning ``ClusterEnvironment`` instead of ``ParallelCtxEnvironment``.
+        async_checkpoint: write checkpoints on a background thread (training goes on after an
+            in-memory copy); see docs/checkpoints.md.
     """
 
     strategy_name = "parallelctx"
@@ -134,6 +138,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         process_group_backend: Literal["gloo", "nccl", "mpi"] | None = None,
         timeout: float = 1800.0,
         cluster_environment: ClusterEnvironment | None = None,
+        async_checkpoint: bool = False,
     ) -> None:
         # Everything is checked here, so a bad YAML value fails at once and not inside fit.
         sizes = {"data_parallel_size": _check_size("data_parallel_size", data_parallel_size, allow_auto=True)}
@@ -170,6 +175,8 @@ class ParallelCtxStrategy(ParallelStrategy):
             raise ParallelConfigError(f"process_group_backend={process_group_backend!r} must be 'gloo', 'nccl', 'mpi' or None")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ParallelConfigError(f"timeout={timeout!r} must be a positive number of seconds")
+        if not isinstance(async_checkpoint, bool):
+            raise ParallelConfigError(f"async_checkpoint={async_checkpoint!r} must be a bool")
         if cluster_environment is not None:
             if not isinstance(cluster_environment, ClusterEnvironment):
                 raise ParallelConfigError(f"cluster_environment={cluster_environment!r} is not a ClusterEnvironment")
@@ -193,6 +200,8 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._forward_redirection = _DDPForwardRedirection()
         self._faults = FitGuard()
         self._init_rng_state: Tensor | None = None
+        self._saver = _ckpt.CheckpointSaver(async_save=async_checkpoint)
+        self._rng_state: dict[str, Any] | None = None
         self.num_nodes = 1
 
     # ------------------------------------------------------------------ the context
@@ -273,6 +282,13 @@ class ParallelCtxStrategy(ParallelStrategy):
         ctx = self.parallel_context
         return {"num_replicas": ctx.get_world_size(ParallelMode.DATA_SHARD),
                 "rank": ctx.get_local_rank(ParallelMode.DATA_SHARD)}
+
+    def process_dataloader(self, dataloader: object) -> object:
+        # Mid-epoch resume reads the batches the uninterrupted run reads (resume_data.py).
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or not trainer.training:
+            return dataloader
+        return make_resumable(dataloader, lambda: batches_already_run(trainer))
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -483,30 +499,39 @@ class ParallelCtxStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """A directory of per-shard files (see :mod:`.checkpoint`); every rank must call it."""
+        """A torch DCP directory, written atomically by every rank (see :mod:`.checkpoint`)."""
         if storage_options is not None:
             raise TypeError(
                 f"{type(self).__name__}.save_checkpoint got storage_options={storage_options!r}, but it writes a "
-                f"directory of per-shard files with torch.save and has no storage backend to pass them to. "
+                f"torch DCP directory of per-rank files and has no storage backend to pass them to. "
                 f"Fix: call trainer.save_checkpoint(path) without storage_options (write to a local or mounted "
                 f"path and copy the directory afterwards)"
             )
         path = self.broadcast(str(filepath))
         assert self.lightning_module is not None
-        _ckpt.save_sharded_checkpoint(checkpoint, path, self.lightning_module, self.parallel_context)
+        self._saver.save(checkpoint, path, self.lightning_module, self.optimizers, self.parallel_context)
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        self._saver.wait()
         path = self.broadcast(str(checkpoint_path))
         assert self.lightning_module is not None
-        return _ckpt.load_sharded_checkpoint(path, self.lightning_module, self.parallel_context, weights_only)
+        checkpoint = _ckpt.load_sharded_checkpoint(path, self.lightning_module, self.parallel_context, weights_only,
+                                                   self.optimizers)
+        self._rng_state = checkpoint.pop(_ckpt.RNG_KEY, None)
+        return checkpoint
+
+    def on_train_start(self) -> None:
+        # A resumed fit draws a DataLoader seed when its epoch's iterator is made, after the restore;
+        # the uninterrupted run drew it before the save: set the generators after that draw.
+        if self._rng_state is not None:
+            set_rng_state(self._rng_state)
+            self._rng_state = None
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:
-            path = Path(filepath)
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+            # Only rank 0 calls it (ModelCheckpoint's top-k pruning): no collective here.
+            self._saver.wait_local()
+            atomic.remove(Path(filepath))
 
     # ------------------------------------------------------------------ failures and teardown
     def on_exception(self, exception: BaseException) -> None:
@@ -515,6 +540,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._faults.on_exception(exception, ctx, self._launcher)
 
     def teardown(self) -> None:
+        self._saver.wait()
         if self._grad_handler is not None:
             with quietly(self._faults.failed, "removing the gradient hooks"):
                 self._grad_handler.remove()
