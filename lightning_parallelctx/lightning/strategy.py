@@ -48,8 +48,10 @@ from ..errors import ParallelConfigError
 from ..initializers import mode_groups_for, resolve_initializer
 from ..layout import RankLayout
 from ..mode import ParallelMode
+from ..pipeline import DEFAULT_SCHEDULE, Schedule, StagePlan, resolve_pipeline_config
 from . import checkpoint as _ckpt
 from ._grad_sync import GradientHandler, check_gradient_handler_spec, make_gradient_handler
+from ._pipeline import PipelineRuntime, is_ddp_handler
 from .environment import LAUNCHERS, ParallelCtxEnvironment
 from .grad_norm import clip_grad_norm_
 
@@ -78,8 +80,16 @@ class ParallelCtxStrategy(ParallelStrategy):
     Args:
         data_parallel_size: DATA size; ``"auto"`` = world size / the product of the other sizes.
         tensor_parallel_size, pipeline_parallel_size, sequence_parallel_size, expert_parallel_size:
-            sizes of the other axes. ``pipeline_parallel_size`` must be 1: the strategy has no pipeline
-            schedule yet (a :class:`ParallelContext` built directly still makes pipeline groups).
+            sizes of the other axes. With ``pipeline_parallel_size > 1`` the model declares its layers
+            as a ``PipelineSequential`` (docs/pipeline.md).
+        pipeline_schedule: ``"1f1b"`` (default), ``"gpipe"``, ``"interleaved_1f1b"``, ``"looped_bfs"``,
+            ``"interleaved_zero_bubble"``, ``"zbv_zero_bubble"``, ``"dualpipev"``, a name registered with
+            ``register_schedule``, a dotted class path, a ``Schedule`` class or instance, or a
+            ``torch.distributed.pipelining`` schedule class.
+        num_microbatches: micro-batches per batch (default: one per stage); the batch size must be
+            divisible by it.
+        virtual_pipeline_size: stages per pipeline rank (default: 1, or 2 for the interleaved and V
+            schedules); stages are placed in a loop, or in a V for ``zbv_zero_bubble``/``dualpipev``.
         order: rank layout, innermost axis first, e.g. ``"tp-sp-ep-dp-pp"`` (the default).
         modes: extra parallel modes (plug-in process-group initializers): registered names such as
             ``"tensor_2d_row"`` / ``"pipeline_embedding"``, or ``{"class_path": ..., "init_args": {...}}``
@@ -109,6 +119,9 @@ class ParallelCtxStrategy(ParallelStrategy):
         pipeline_parallel_size: int = 1,
         sequence_parallel_size: int = 1,
         expert_parallel_size: int = 1,
+        pipeline_schedule: str | Schedule = DEFAULT_SCHEDULE,
+        num_microbatches: int | None = None,
+        virtual_pipeline_size: int | None = None,
         order: str | None = None,
         modes: list[str | dict[str, Any]] | None = None,
         print_layout: bool = True,
@@ -124,16 +137,8 @@ class ParallelCtxStrategy(ParallelStrategy):
         for name, value in zip(_SIZE_NAMES, (tensor_parallel_size, pipeline_parallel_size,
                                              sequence_parallel_size, expert_parallel_size)):
             sizes[name] = _check_size(name, value)
-        if sizes["pipeline_parallel_size"] > 1:
-            # No schedule splits the model into stages: every PIPELINE rank would train the whole
-            # model, the clipping norm would sum the same gradients pp times and checkpoints would
-            # hold pp identical shards. Refuse rather than train wrongly.
-            raise ParallelConfigError(
-                f"ParallelCtxStrategy has no pipeline schedule yet: with pipeline_parallel_size="
-                f"{sizes['pipeline_parallel_size']} every stage would train the whole model (pipeline_parallel_size "
-                f"must be 1). Use pipeline_parallel_size=1; ParallelContext still builds pipeline groups "
-                f"(ctx.get_group('pipeline')) for a schedule of your own."
-            )
+        pipeline = resolve_pipeline_config(sizes["pipeline_parallel_size"], pipeline_schedule, num_microbatches,
+                                           virtual_pipeline_size)
         if order is not None:
             if not isinstance(order, str):
                 raise ParallelConfigError(f"order={order!r} must be a string like 'tp-sp-ep-dp-pp' or None")
@@ -144,6 +149,12 @@ class ParallelCtxStrategy(ParallelStrategy):
         if not isinstance(print_layout, bool):
             raise ParallelConfigError(f"print_layout={print_layout!r} must be a bool")
         check_gradient_handler_spec(gradient_handler)
+        if pipeline.size > 1 and is_ddp_handler(gradient_handler):
+            # DDP's reducer fires once per backward and cannot be told about a schedule's micro-batches.
+            raise ParallelConfigError(
+                f"gradient_handler={gradient_handler!r} (torch's DDP wrapper) cannot run under a pipeline schedule "
+                f"(pipeline_parallel_size={pipeline.size}). Fix: gradient_handler='bucketed' (default) or 'allreduce'"
+            )
         if launcher not in LAUNCHERS:
             raise ParallelConfigError(f"launcher={launcher!r} must be one of {', '.join(LAUNCHERS)}")
         if not isinstance(sync_initial_weights, bool):
@@ -168,6 +179,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._timeout = timedelta(seconds=float(timeout))
         self._context: ParallelContext | None = None
         self._grad_handler: Any = None
+        self._pipeline = PipelineRuntime(pipeline)
         self.num_nodes = 1
 
     # ------------------------------------------------------------------ the context
@@ -286,6 +298,12 @@ class ParallelCtxStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         # Before the setup()/configure_model() hooks; deepcopy/pickle-safe (TRAPS.md #9).
         self.lightning_module.parallel_context = ctx
+        self._pipeline.plan_for(ctx)
+
+    @property
+    def stage_plan(self) -> StagePlan | None:
+        """This rank's pipeline stages (``pipeline.stage_plan(module)`` reads it in configure_model)."""
+        return self._pipeline.plan
 
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
@@ -293,7 +311,9 @@ class ParallelCtxStrategy(ParallelStrategy):
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         fitting = trainer.state.fn == TrainerFn.FITTING
+        self._pipeline.check_module(self.lightning_module, fitting)
         if fitting:
+            self._pipeline.setup_fit(trainer)
             if self._sync_initial_weights:
                 self._broadcast_within_replicas()
             self._grad_handler = make_gradient_handler(self._gradient_handler_spec)
@@ -355,6 +375,14 @@ class ParallelCtxStrategy(ParallelStrategy):
             return
         with self._grad_handler.no_sync():
             yield None
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._pipeline.active:
+            return super().training_step(*args, **kwargs)
+        # The schedule runs backward inside training_step (see _pipeline.py, TRAPS.md #19).
+        assert self.lightning_module is not None
+        return self._pipeline.training_step(self.lightning_module.trainer, self._grad_handler, self.optimizers,
+                                            lambda: super(ParallelCtxStrategy, self).training_step(*args, **kwargs))
 
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
                        model: pl.LightningModule | torch.nn.Module | None = None, **kwargs: Any) -> Any:
@@ -428,6 +456,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         if self._grad_handler is not None:
             self._grad_handler.remove()
             self._grad_handler = None
+        self._pipeline.teardown(getattr(self.lightning_module, "_trainer", None))
         # The context outlives this fit: the next fit/validate/test/predict reuses it (TRAPS.md #7).
         super().teardown()
 
