@@ -216,7 +216,7 @@ class TorchSchedule(Schedule):
             if backward:
                 output = sched.step(*args, **kwargs, losses=losses, return_outputs=False)
             else:
-                output = sched.eval(*args, **kwargs, losses=losses)
+                output = sched.eval(*args, **kwargs, losses=losses if with_loss else None)
         finally:
             self._loss_fn = None
         holder = plan.last_stage_group_rank
