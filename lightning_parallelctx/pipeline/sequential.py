@@ -116,12 +116,31 @@ class _Stage(nn.Module):
         return x
 
 
+def _materialize(layer: nn.Module, device: torch.device) -> nn.Module:
+    """``to_empty`` makes new Parameter objects: carry their Python attributes over (the library's
+    tensor-parallel / expert markers live there; losing them would silently unshard the model)."""
+    attrs = {name: dict(p.__dict__) for name, p in layer.named_parameters(remove_duplicate=False)}
+    layer = layer.to_empty(device=device)
+    for name, p in layer.named_parameters(remove_duplicate=False):
+        p.__dict__.update(attrs[name])
+    return layer
+
+
+class _Container(nn.ModuleDict):
+    """A parent of dotted layer names; ``blocks[0]`` works like a ModuleList's (on the ranks holding it)."""
+
+    def __getitem__(self, key: str | int) -> nn.Module:
+        return super().__getitem__(str(key))
+
+
 class PipelineSequential(nn.Module):
     """An ordered list of layers split into pipeline stages; this rank holds only its stages' layers.
 
     Args:
-        layers: the full model's layers in order (a sequence, or a mapping whose values are used in
-            order). Build them under ``torch.device("meta")`` so no rank allocates others' layers.
+        layers: the full model's layers in order: a sequence (registered as ``layers.<i>``), or a
+            mapping from dotted names (``"tok"``, ``"blocks.0"``, ``"head"``) to layers, registered
+            under those names, so a model keeps the parameter names it had before it was pipelined.
+            Build them under ``torch.device("meta")`` so no rank allocates others' layers.
         plan: :func:`stage_plan` of the LightningModule (default: one stage, every layer local).
         init: ``init(index, layer)`` fills a local layer's parameters after it left the meta device
             (its index in the full model: draw from a generator seeded by it to get the same weights
@@ -132,37 +151,58 @@ class PipelineSequential(nn.Module):
     def __init__(self, layers: Sequence[nn.Module] | Mapping[str, nn.Module], plan: StagePlan | None = None,
                  init: Callable[[int, nn.Module], None] | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
-        full = list(layers.values()) if isinstance(layers, Mapping) else list(layers)
+        if isinstance(layers, Mapping):
+            names, full = list(layers.keys()), list(layers.values())
+        else:
+            full = list(layers)
+            names = [f"layers.{i}" for i in range(len(full))]
         if not full or not all(isinstance(m, nn.Module) for m in full):
             raise TypeError(f"PipelineSequential needs a non-empty list of nn.Module layers, got {layers!r}")
         plan = plan or StagePlan()
         self.plan = plan
-        self.num_layers = len(full)
+        self.layer_names = names
         ranges = layer_ranges(len(full), plan.num_stages)
         self.stage_layers = {s: ranges[s] for s in plan.stages}
-        self.layers = nn.ModuleDict()
         device = torch.device(device) if device is not None else torch.device("cpu")
+        local: list[tuple[int, nn.Module]] = []
         for s in plan.stages:
             for i in range(*ranges[s]):
                 layer = full[i]
-                on_meta = any(t.is_meta for t in (*layer.parameters(), *layer.buffers()))
-                if on_meta:
+                if any(t.is_meta for t in (*layer.parameters(), *layer.buffers())):
                     if init is None:
                         raise ValueError(
-                            f"layer {i} ({type(layer).__name__}) is on the meta device and PipelineSequential got no "
-                            f"init=: its weights would be uninitialised. Fix: pass init=lambda index, layer: ... that "
-                            f"fills the layer's parameters"
+                            f"layer {i} ({names[i]}: {type(layer).__name__}) is on the meta device and PipelineSequential "
+                            f"got no init=: its weights would be uninitialised. Fix: pass init=lambda index, layer: ... "
+                            f"that fills the layer's parameters"
                         )
-                    layer = layer.to_empty(device=device)
+                    layer = _materialize(layer, device)
                 if init is not None:
                     with torch.no_grad():
                         init(i, layer)
-                self.layers[str(i)] = layer
+                self._register_at(names[i], layer)
+                local.append((i, layer))
         del full  # other stages' (meta) layers are dropped here
-        # Stage wrappers share the layers but are not registered: names stay "layers.<i>".
-        object.__setattr__(self, "_stages", [(s, _Stage([self.layers[str(i)] for i in range(*ranges[s])]))
-                                             for s in plan.stages])
-        self._batch_rule: tuple | None = None
+        self._local_indices = [i for i, _ in local]
+        # Stage wrappers share the layers but are not registered: names stay the declared ones.
+        by_index = dict(local)
+        object.__setattr__(self, "_stages", [(s, _Stage([by_index[i] for i in range(*ranges[s])])) for s in plan.stages])
+        object.__setattr__(self, "_chain", [m for _, m in local])
+
+    def _register_at(self, path: str, layer: nn.Module) -> None:
+        """``"blocks.3"`` -> ``self.blocks["3"]``: state-dict names are the declared dotted paths."""
+        *parents, leaf = path.split(".")
+        owner: nn.Module = self
+        for part in parents:
+            child = owner._modules.get(part)
+            if child is None:
+                if hasattr(owner, part):
+                    raise ValueError(f"layer name {path!r}: {part!r} clashes with an attribute of {type(owner).__name__}")
+                child = _Container()
+                owner.add_module(part, child)
+            owner = child
+        if leaf in owner._modules or (owner is self and hasattr(self, leaf)):
+            raise ValueError(f"layer name {path!r} is used twice or clashes with an attribute of PipelineSequential")
+        owner.add_module(leaf, layer)
 
     # -- introspection
     @property
@@ -179,7 +219,8 @@ class PipelineSequential(nn.Module):
         return list(self._stages)
 
     def layer_indices(self) -> list[int]:
-        return [int(k) for k in self.layers]
+        """Indices (in the full model) of the layers this rank holds."""
+        return list(self._local_indices)
 
     # -- running
     def run_layers(self, *args: Any) -> Any:
@@ -188,7 +229,7 @@ class PipelineSequential(nn.Module):
             raise RuntimeError("run_layers() needs every layer on this rank; at pp > 1 call pipe(inputs) "
                                "or pipe.loss(inputs, target, loss_fn), which run the schedule")
         x: Any = args
-        for layer in self.layers.values():
+        for layer in self._chain:
             x = layer(*x) if isinstance(x, tuple) else layer(x)
         return x
 
