@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning.pytorch as pl
 from lightning_parallelctx.pipeline import PipelineSequential, stage_plan
 
+from . import schedules as _schedules  # noqa: F401  (registers the example schedule "counting_gpipe")
+
 
 class Dense(nn.Module):
     def __init__(self, d_in: int, d_out: int, act: bool = True) -> None:
@@ -82,3 +84,14 @@ def regression_data(n: int = 160, d_in: int = 8, d_out: int = 4, seed: int = 0) 
 
 def loader(batch_size: int = 8, n: int = 160) -> DataLoader:
     return DataLoader(regression_data(n), batch_size=batch_size)
+
+
+class RegressionData(pl.LightningDataModule):
+    """The regression data as a DataModule (for LightningCLI configs); ``batch_size`` per data shard."""
+
+    def __init__(self, batch_size: int = 8, num_samples: int = 160) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(self.hparams.batch_size, self.hparams.num_samples)

@@ -163,7 +163,9 @@ class TorchSchedule(Schedule):
 
     def __deepcopy__(self, memo: dict) -> TorchSchedule:
         # A template: a copy starts without stages (they hold process groups and modules).
-        return type(self)(self.torch_class)
+        new = copy.copy(self)
+        new._cache, new._loss_fn = OrderedDict(), None
+        return new
 
     @property
     def is_single_stage(self) -> bool:
