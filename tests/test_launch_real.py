@@ -210,3 +210,33 @@ def test_missing_examples_package_says_the_fix(tmp_path: Path, monkeypatch: pyte
     other.write_text("model:\n  class_path: mypkg.Model\n")
     cli._explain_missing_examples(["fit", "--config", str(other)])
     assert capsys.readouterr().err == ""  # a config that does not name the examples: no advice
+
+
+# ------------------------------------------------------------------------------------ pipeline
+PP_CONFIG = "configs/cpu-pp2-dp2.yaml"
+PP_FIT = ["-m", "lightning_parallelctx", "fit", "--config", PP_CONFIG, *QUICK]
+
+
+@pytest.fixture(scope="module")
+def pipeline_loss() -> str:
+    """pp2-dp2 (two 1F1B stages x two replicas), strategy-launched."""
+    out = run([sys.executable, *PP_FIT])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return final_loss(out.stdout + out.stderr)
+
+
+@pytest.mark.timeout(FIXTURE_RUN_TEST_TIMEOUT)
+def test_pipeline_torchrun(pipeline_loss: str) -> None:
+    assert 1.0 < float(pipeline_loss) < 4.0, pipeline_loss
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", *PP_FIT])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert final_loss(out.stdout + out.stderr) == pipeline_loss
+
+
+@pytest.mark.timeout(SBATCH_FIXTURE_TEST_TIMEOUT)
+def test_pipeline_sbatch_srun(pipeline_loss: str, slurm_env: dict[str, str], tmp_path: Path) -> None:
+    env = clean_env({"SLURM_CONF": slurm_env["SLURM_CONF"], "CONFIG": PP_CONFIG})
+    text = sbatch_and_wait([f"--chdir={ROOT}", "--export=ALL", "examples/slurm/gpt.sbatch", *QUICK], env,
+                           tmp_path / "job.out", SBATCH_TIMEOUT)
+    assert "Traceback" not in text, text[-6000:]
+    assert final_loss(text) == pipeline_loss

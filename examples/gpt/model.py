@@ -4,14 +4,16 @@ Token embedding (vocab-parallel), causal self-attention (heads split over TENSOR
 split over SEQUENCE with keys/values all-gathered), an MLP (column- then row-parallel) or, with
 ``num_experts > 0``, a dropless top-k mixture of experts (experts split over EXPERT, tokens routed
 with all-to-alls), and a vocab-parallel LM head. The same class runs on one process (every size 1)
-or any layout.
-Initial weights are drawn for the full model from ``init_seed`` and cut to this rank's shards,
-so every layout starts from, and trains, the same model.
+or any layout, pipeline stages included: the model is declared as named layers (``gpt_layers``)
+in a ``PipelineSequential``, and each rank builds only its stages' layers.
+Initial weights are drawn per parameter from ``init_seed`` and its name, for the full tensor, and
+cut to this rank's shards, so every layout starts from, and trains, the same model.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -25,9 +27,10 @@ from lightning_parallelctx.nn import (
     ExpertParallelMoE,
     RowParallelLinear,
     VocabParallelEmbedding,
-    init_sharded_,
+    shard_state_dict,
     vocab_parallel_cross_entropy,
 )
+from lightning_parallelctx.pipeline import PipelineSequential, stage_plan
 
 
 # ------------------------------------------------------------------ the model
@@ -46,8 +49,9 @@ class Attention(nn.Module):
         self.v = ColumnParallelLinear(d_model, d_model, context=context)
         self.out = RowParallelLinear(d_model, d_model, context=context)
 
-    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
+        offset = _offset(self.context, t)
         q, k, v = (proj(x).view(b, t, self.local_heads, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
         if self.context.get_world_size("sequence") > 1:
             # Context parallelism: this rank's queries attend to the keys/values of the whole sequence.
@@ -73,47 +77,52 @@ class Block(nn.Module):
             self.fc = ColumnParallelLinear(d_model, 4 * d_model, context=context)
             self.proj = RowParallelLinear(4 * d_model, d_model, context=context)
 
-    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), offset)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
         if hasattr(self, "moe"):
             return x + self.moe(self.ln2(x))
         return x + self.proj(F.gelu(self.fc(self.ln2(x))))
 
 
-class GPT(nn.Module):
-    def __init__(self, vocab_size: int, seq_len: int, d_model: int, n_heads: int, n_layers: int, context: Any,
-                 num_experts: int = 0, moe_top_k: int = 1) -> None:
-        super().__init__()
+def _offset(context: Any, local_len: int) -> int:
+    """Where this rank's slice of the sequence starts (SEQUENCE ranks hold consecutive slices)."""
+    return context.get_local_rank("sequence") * local_len
+
+
+class PositionalEmbedding(nn.Embedding):
+    """Adds learned positions to the token embeddings of this rank's sequence slice."""
+
+    def __init__(self, seq_len: int, d_model: int, context: Any) -> None:
+        super().__init__(seq_len, d_model)
         self.context = context
-        self.tok = VocabParallelEmbedding(vocab_size, d_model, context=context)
-        self.pos = nn.Embedding(seq_len, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, context, num_experts, moe_top_k) for _ in range(n_layers))
-        self.ln_f = nn.LayerNorm(d_model)
-        self.head = ColumnParallelLinear(d_model, vocab_size, bias=False, context=context)
 
-    def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Vocab-split logits of the ``ids`` at sequence positions ``offset ...``."""
-        h = self.tok(ids) + self.pos(torch.arange(offset, offset + ids.shape[1], device=ids.device))
-        for block in self.blocks:
-            h = block(h, offset)
-        return self.head(self.ln_f(h))
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        t = h.shape[1]
+        offset = _offset(self.context, t)
+        return h + super().forward(torch.arange(offset, offset + t, device=h.device))
 
-    @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        """The full model's weights from ``seed``, drawn one parameter at a time and cut to this
-        rank's shards: the same model for every layout, and no rank ever holds all of it (the
-        model may be on the meta device)."""
-        g = torch.Generator().manual_seed(seed)
-        n_layers = len(self.blocks)
 
-        def full(name: str, shape: torch.Size) -> torch.Tensor:
-            # (Expert biases moe.b1/moe.b2 are zero like the others; moe.w2 is an output projection.)
-            if name.endswith(("bias", "moe.b1", "moe.b2")) or ".ln" in name or name.startswith("ln_"):
-                return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
-            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("out.weight", "proj.weight", "moe.w2")) else 0.02
-            return torch.randn(shape, generator=g) * std
+def gpt_layers(vocab_size: int, seq_len: int, d_model: int, n_heads: int, n_layers: int, context: Any,
+               num_experts: int = 0, moe_top_k: int = 1) -> dict[str, nn.Module]:
+    """The GPT as ordered, named layers: ids -> tok -> pos -> blocks.0 ... -> ln_f -> head (vocab-split
+    logits). Pipeline stages cut this list; the names are the state-dict names at every layout."""
+    layers: dict[str, nn.Module] = {"tok": VocabParallelEmbedding(vocab_size, d_model, context=context),
+                                    "pos": PositionalEmbedding(seq_len, d_model, context)}
+    for i in range(n_layers):
+        layers[f"blocks.{i}"] = Block(d_model, n_heads, context, num_experts, moe_top_k)
+    layers["ln_f"] = nn.LayerNorm(d_model)
+    layers["head"] = ColumnParallelLinear(d_model, vocab_size, bias=False, context=context)
+    return layers
 
-        init_sharded_(self, full, self.context)
+
+def initial_value(name: str, shape: torch.Size, n_layers: int, seed: int) -> torch.Tensor:
+    """The full (unsharded) initial value of parameter ``name``, drawn from its own generator, so a
+    rank builds its stages' weights without drawing (or holding) any other layer's."""
+    if name.endswith(("bias", "moe.b1", "moe.b2")) or ".ln" in name or name.startswith("ln_"):
+        return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("out.weight", "proj.weight", "moe.w2")) else 0.02
+    return torch.randn(shape, generator=g) * std
 
 
 class GPTLightning(pl.LightningModule):
@@ -132,12 +141,24 @@ class GPTLightning(pl.LightningModule):
             return
         h = self.hparams
         ctx = getattr(self, "parallel_context", None) or LocalContext()
-        # Built on meta (no memory), then the full model's initial weights, the same on every rank
-        # and for every layout, drawn parameter by parameter and cut to this rank's shards.
         moe = {"num_experts": h.get("num_experts", 0), "moe_top_k": h.get("moe_top_k", 1)}
+        sizes = (h.vocab_size, h.seq_len, h.d_model, h.n_heads, h.n_layers)
+        # Shapes only (meta): the full model's layers give the unsharded shapes, this layout's the shards.
         with torch.device("meta"):
-            self.gpt = GPT(h.vocab_size, h.seq_len, h.d_model, h.n_heads, h.n_layers, ctx, **moe)
-        self.gpt.init_weights(h.init_seed)
+            full = gpt_layers(*sizes, LocalContext(), **moe)
+            layers = gpt_layers(*sizes, ctx, **moe)
+        names = list(layers)
+
+        def init(index: int, layer: nn.Module) -> None:
+            # The full model's initial weights, the same for every layout, cut to this rank's shards.
+            prefix = names[index]
+            values = {k: initial_value(f"{prefix}.{k}", p.shape, h.n_layers, h.init_seed)
+                      for k, p in full[prefix].named_parameters()}
+            layer.load_state_dict(shard_state_dict(values, layer, ctx))
+
+        # pp = 1: every layer here; pp > 1: this rank's stages only (n_layers blocks + 4 layers are split).
+        self.gpt = PipelineSequential(layers, stage_plan(self), init=init)
+        self.gpt.context = ctx
 
     def _slice(self, *tensors: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
         """Every SEQUENCE rank gets the same batch and keeps its slice of the positions."""
@@ -149,16 +170,20 @@ class GPTLightning(pl.LightningModule):
         offset = ctx.get_local_rank("sequence") * t
         return offset, [x[:, offset:offset + t] for x in tensors]
 
+    def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, targets, context=self.gpt.context)
+
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        offset, (ids, targets) = self._slice(*batch)
+        _, (ids, targets) = self._slice(*batch)
         # The mean of the per-slice losses (averaged by the gradient sync) is the full sequence's loss.
-        return vocab_parallel_cross_entropy(self.gpt(ids, offset), targets, context=self.gpt.context)
+        # With pipeline stages the schedule runs it (and, in training_step, the backward pass).
+        return self.gpt.loss(ids, targets, self._cross_entropy)
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """The most likely next token at every position (whole vocabulary, whole sequence)."""
         ctx = self.gpt.context
-        offset, (ids,) = self._slice(batch[0])
-        logits = gather(self.gpt(ids, offset), dim=-1, mode="tensor", context=ctx)
+        _, (ids,) = self._slice(batch[0])
+        logits = gather(self.gpt(ids), dim=-1, mode="tensor", context=ctx)
         return gather(logits.argmax(-1), dim=1, mode="sequence", context=ctx)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

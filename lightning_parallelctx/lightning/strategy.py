@@ -51,9 +51,11 @@ from ..mode import ParallelMode
 from ..rendezvous import rendezvous_store
 from ..random import set_rng_state
 from . import atomic
+from ..pipeline import DEFAULT_SCHEDULE, Schedule, StagePlan, resolve_pipeline_config
 from . import checkpoint as _ckpt
 from ._grad_sync import GradientHandler, check_gradient_handler_spec, check_manual_optimization, make_gradient_handler
 from .batchnorm import convert_sync_batchnorm, revert_sync_batchnorm
+from ._pipeline import PipelineRuntime, is_ddp_handler
 from .environment import LAUNCHERS, ParallelCtxEnvironment
 from .fault_guard import FitGuard, ParallelCtxLauncher, die_with_launcher, quietly
 from .grad_norm import clip_grad_norm_
@@ -89,8 +91,16 @@ class ParallelCtxStrategy(ParallelStrategy):
     Args:
         data_parallel_size: DATA size; ``"auto"`` = world size / the product of the other sizes.
         tensor_parallel_size, pipeline_parallel_size, sequence_parallel_size, expert_parallel_size:
-            sizes of the other axes. ``pipeline_parallel_size`` must be 1: the strategy has no pipeline
-            schedule yet (a :class:`ParallelContext` built directly still makes pipeline groups).
+            sizes of the other axes. With ``pipeline_parallel_size > 1`` the model declares its layers
+            as a ``PipelineSequential`` (docs/pipeline.md).
+        pipeline_schedule: ``"1f1b"`` (default), ``"gpipe"``, ``"interleaved_1f1b"``, ``"looped_bfs"``,
+            ``"interleaved_zero_bubble"``, ``"zbv_zero_bubble"``, ``"dualpipev"``, a name registered with
+            ``register_schedule``, a dotted class path, a ``Schedule`` class or instance, or a
+            ``torch.distributed.pipelining`` schedule class.
+        num_microbatches: micro-batches per batch (default: one per stage); the batch size must be
+            divisible by it.
+        virtual_pipeline_size: stages per pipeline rank (default: 1, or 2 for the interleaved and V
+            schedules); stages are placed in a loop, or in a V for ``zbv_zero_bubble``/``dualpipev``.
         order: rank layout, innermost axis first, e.g. ``"tp-sp-ep-dp-pp"`` (the default).
         modes: extra parallel modes (plug-in process-group initializers): registered names such as
             ``"tensor_2d_row"`` / ``"pipeline_embedding"``, or ``{"class_path": ..., "init_args": {...}}``
@@ -128,6 +138,9 @@ class ParallelCtxStrategy(ParallelStrategy):
         pipeline_parallel_size: int = 1,
         sequence_parallel_size: int = 1,
         expert_parallel_size: int = 1,
+        pipeline_schedule: str | Schedule = DEFAULT_SCHEDULE,
+        num_microbatches: int | None = None,
+        virtual_pipeline_size: int | None = None,
         order: str | None = None,
         modes: list[str | dict[str, Any]] | None = None,
         print_layout: bool = True,
@@ -145,16 +158,8 @@ class ParallelCtxStrategy(ParallelStrategy):
         for name, value in zip(_SIZE_NAMES, (tensor_parallel_size, pipeline_parallel_size,
                                              sequence_parallel_size, expert_parallel_size)):
             sizes[name] = _check_size(name, value)
-        if sizes["pipeline_parallel_size"] > 1:
-            # No schedule splits the model into stages: every PIPELINE rank would train the whole
-            # model, the clipping norm would sum the same gradients pp times and checkpoints would
-            # hold pp identical shards. Refuse rather than train wrongly.
-            raise ParallelConfigError(
-                f"ParallelCtxStrategy has no pipeline schedule yet: with pipeline_parallel_size="
-                f"{sizes['pipeline_parallel_size']} every stage would train the whole model (pipeline_parallel_size "
-                f"must be 1). Use pipeline_parallel_size=1; ParallelContext still builds pipeline groups "
-                f"(ctx.get_group('pipeline')) for a schedule of your own."
-            )
+        pipeline = resolve_pipeline_config(sizes["pipeline_parallel_size"], pipeline_schedule, num_microbatches,
+                                           virtual_pipeline_size)
         if order is not None:
             if not isinstance(order, str):
                 raise ParallelConfigError(f"order={order!r} must be a string like 'tp-sp-ep-dp-pp' or None")
@@ -165,6 +170,12 @@ class ParallelCtxStrategy(ParallelStrategy):
         if not isinstance(print_layout, bool):
             raise ParallelConfigError(f"print_layout={print_layout!r} must be a bool")
         check_gradient_handler_spec(gradient_handler)
+        if pipeline.size > 1 and is_ddp_handler(gradient_handler):
+            # DDP's reducer fires once per backward and cannot be told about a schedule's micro-batches.
+            raise ParallelConfigError(
+                f"gradient_handler={gradient_handler!r} (torch's DDP wrapper) cannot run under a pipeline schedule "
+                f"(pipeline_parallel_size={pipeline.size}). Fix: gradient_handler='bucketed' (default) or 'allreduce'"
+            )
         if launcher not in LAUNCHERS:
             raise ParallelConfigError(f"launcher={launcher!r} must be one of {', '.join(LAUNCHERS)}")
         if not isinstance(sync_initial_weights, bool):
@@ -202,6 +213,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._init_rng_state: Tensor | None = None
         self._saver = _ckpt.CheckpointSaver(async_save=async_checkpoint)
         self._rng_state: dict[str, Any] | None = None
+        self._pipeline = PipelineRuntime(pipeline)
         self.num_nodes = 1
 
     # ------------------------------------------------------------------ the context
@@ -348,6 +360,12 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._faults.arm(self.cluster_environment.main_address, self.cluster_environment.main_port)
         # What ModelParallelStrategy sets, over the context's groups (TRAPS.md #28).
         self.lightning_module._device_mesh = lightning_device_mesh(ctx)
+        self._pipeline.plan_for(ctx)
+
+    @property
+    def stage_plan(self) -> StagePlan | None:
+        """This rank's pipeline stages (``pipeline.stage_plan(module)`` reads it in configure_model)."""
+        return self._pipeline.plan
 
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
@@ -364,6 +382,9 @@ class ParallelCtxStrategy(ParallelStrategy):
         if fitting:
             if self._layer_sync is not None:  # Trainer(sync_batchnorm=True): over the data ranks, on CPU too
                 self.model = convert_sync_batchnorm(self.model, ctx.get_group(DEFAULT_REDUCTION_MODE), self.root_device)
+        self._pipeline.check_module(self.lightning_module, fitting)
+        if fitting:
+            self._pipeline.setup_fit(trainer)
             if self._sync_initial_weights:
                 sync_replicas_at_fit_start(module, ctx)
         if self._fsdp:  # after the broadcast: every replica cuts its shard from the same weights
@@ -442,7 +463,12 @@ class ParallelCtxStrategy(ParallelStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         with self._forward_buffers():
-            return super().training_step(*args, **kwargs)
+            if not self._pipeline.active:
+                return super().training_step(*args, **kwargs)
+            # The schedule runs backward inside training_step (see _pipeline.py, TRAPS.md #19).
+            assert self.lightning_module is not None
+            return self._pipeline.training_step(self.lightning_module.trainer, self._grad_handler, self.optimizers,
+                                                lambda: super(ParallelCtxStrategy, self).training_step(*args, **kwargs))
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         with self._forward_buffers():
@@ -549,6 +575,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         if self._layer_sync is not None and self.lightning_module is not None:
             revert_sync_batchnorm(self.lightning_module)  # as DDPStrategy does after fit
         self._faults.disarm()  # after the removal: a removal stuck on a dead peer is still ended
+        self._pipeline.teardown(getattr(self.lightning_module, "_trainer", None))
         # The context outlives this fit: the next fit/validate/test/predict reuses it (TRAPS.md #7).
         super().teardown()
 

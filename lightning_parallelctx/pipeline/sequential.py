@@ -1,0 +1,279 @@
+"""Declaring a pipelined model: an ordered list of layers, of which each rank builds only its stages.
+
+    from lightning_parallelctx.pipeline import PipelineSequential, stage_plan
+
+    def configure_model(self):
+        with torch.device("meta"):                 # nothing is allocated for the whole model
+            layers = [Embed(...), *[Block(...) for _ in range(n)], Head(...)]
+        self.pipe = PipelineSequential(layers, stage_plan(self), init=self.init_layer)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.pipe.loss(x, y, F.cross_entropy)   # pp > 1: the schedule runs forward + backward
+        self.log("train_loss", loss, sync_dist=True)    # the true loss, on every rank
+        return loss
+
+Each layer takes the previous layer's output (a tensor, or a tuple spread as arguments). The layers
+are split into contiguous stages; a rank keeps (and materialises from the meta device, through
+``init``) only the layers of its own stages, registered under ``layers.<index in the full model>``,
+so state-dict names are the full model's at every pipeline size and a pp=2 checkpoint is the union
+of the stages' state dicts. The same class runs unchanged at pp=1 (all layers local, a plain forward
+whose loss Lightning back-propagates) and at pp>1.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .placement import Placement, last_stage_rank, layer_ranges, stages_of_rank
+from .schedule import LossFn, NonPipelineSchedule, Schedule
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+__all__ = ["PipelineSequential", "StagePlan", "backward_scope", "stage_plan"]
+
+
+@dataclass
+class StagePlan:
+    """Which stages this rank holds and how they are scheduled (made by the strategy)."""
+
+    pp: int = 1
+    num_stages: int = 1
+    placement: Placement = "loop"
+    stages: list[int] = field(default_factory=lambda: [0])
+    pp_rank: int = 0
+    group: dist.ProcessGroup | None = None
+    group_ranks: list[int] = field(default_factory=lambda: [0])
+    num_microbatches: int = 1
+    schedule: Schedule = field(default_factory=NonPipelineSchedule)
+
+    @property
+    def last_stage_group_rank(self) -> int:
+        return last_stage_rank(self.pp, self.num_stages, self.placement)
+
+    @classmethod
+    def build(cls, ctx: Any, schedule: Schedule, num_microbatches: int, virtual: int) -> StagePlan:
+        pp = ctx.get_world_size("pipeline")
+        num_stages = pp * virtual
+        rank = ctx.get_local_rank("pipeline")
+        return cls(pp=pp, num_stages=num_stages, placement=schedule.placement,
+                   stages=stages_of_rank(rank, pp, num_stages, schedule.placement), pp_rank=rank,
+                   group=ctx.get_group("pipeline"), group_ranks=ctx.get_ranks_in_group("pipeline"),
+                   num_microbatches=num_microbatches, schedule=schedule)
+
+    def __getstate__(self) -> dict[str, Any]:  # process groups do not pickle (TRAPS.md #9)
+        return {**self.__dict__, "group": None}
+
+
+def stage_plan(module: Any) -> StagePlan:
+    """The plan for a LightningModule: from its ``ParallelCtxStrategy`` (in ``configure_model``), or
+    one stage holding every layer when there is none (a plain Trainer, or pp=1)."""
+    trainer = getattr(module, "_trainer", None)
+    plan = getattr(getattr(trainer, "strategy", None), "stage_plan", None)
+    return plan if isinstance(plan, StagePlan) else StagePlan()
+
+
+# ---------------------------------------------------------------------------------- backward scope
+_scope = threading.local()
+
+
+@contextmanager
+def backward_scope(loss_scale: float = 1.0) -> Iterator[None]:
+    """Inside, :meth:`PipelineSequential.loss` at pp > 1 runs the schedule with backward, each
+    micro-batch loss multiplied by ``loss_scale`` (the strategy passes 1 / accumulate_grad_batches)."""
+    previous = getattr(_scope, "scale", None)
+    _scope.scale = float(loss_scale)
+    try:
+        yield
+    finally:
+        _scope.scale = previous
+
+
+def _backward_scale() -> float | None:
+    return getattr(_scope, "scale", None)
+
+
+# ---------------------------------------------------------------------------------- the module
+class _Stage(nn.Module):
+    """Consecutive layers that one ``PipelineStage`` runs."""
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.chain = nn.ModuleList(layers)
+
+    def forward(self, *args: Any) -> Any:
+        x: Any = args
+        for layer in self.chain:
+            x = layer(*x) if isinstance(x, tuple) else layer(x)
+        return x
+
+
+def _materialize(layer: nn.Module, device: torch.device) -> nn.Module:
+    """``to_empty`` makes new Parameter objects: carry their Python attributes over (the library's
+    tensor-parallel / expert markers live there; losing them would silently unshard the model)."""
+    attrs = {name: dict(p.__dict__) for name, p in layer.named_parameters(remove_duplicate=False)}
+    layer = layer.to_empty(device=device)
+    for name, p in layer.named_parameters(remove_duplicate=False):
+        p.__dict__.update(attrs[name])
+    return layer
+
+
+class _Container(nn.ModuleDict):
+    """A parent of dotted layer names; ``blocks[0]`` works like a ModuleList's (on the ranks holding it)."""
+
+    def __getitem__(self, key: str | int) -> nn.Module:
+        return super().__getitem__(str(key))
+
+
+class PipelineSequential(nn.Module):
+    """An ordered list of layers split into pipeline stages; this rank holds only its stages' layers.
+
+    Args:
+        layers: the full model's layers in order: a sequence (registered as ``layers.<i>``), or a
+            mapping from dotted names (``"tok"``, ``"blocks.0"``, ``"head"``) to layers, registered
+            under those names, so a model keeps the parameter names it had before it was pipelined.
+            Build them under ``torch.device("meta")`` so no rank allocates others' layers.
+        plan: :func:`stage_plan` of the LightningModule (default: one stage, every layer local).
+        init: ``init(index, layer)`` fills a local layer's parameters after it left the meta device
+            (its index in the full model: draw from a generator seeded by it to get the same weights
+            at every pipeline size). Needed when layers are on the meta device.
+        device: where local layers are materialised (default: CPU; the strategy moves the module).
+    """
+
+    def __init__(self, layers: Sequence[nn.Module] | Mapping[str, nn.Module], plan: StagePlan | None = None,
+                 init: Callable[[int, nn.Module], None] | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if isinstance(layers, Mapping):
+            names, full = list(layers.keys()), list(layers.values())
+        else:
+            full = list(layers)
+            names = [f"layers.{i}" for i in range(len(full))]
+        if not full or not all(isinstance(m, nn.Module) for m in full):
+            raise TypeError(f"PipelineSequential needs a non-empty list of nn.Module layers, got {layers!r}")
+        plan = plan or StagePlan()
+        self.plan = plan
+        self.layer_names = names
+        ranges = layer_ranges(len(full), plan.num_stages)
+        self.stage_layers = {s: ranges[s] for s in plan.stages}
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        local: list[tuple[int, nn.Module]] = []
+        for s in plan.stages:
+            for i in range(*ranges[s]):
+                layer = full[i]
+                if any(t.is_meta for t in (*layer.parameters(), *layer.buffers())):
+                    if init is None:
+                        raise ValueError(
+                            f"layer {i} ({names[i]}: {type(layer).__name__}) is on the meta device and PipelineSequential "
+                            f"got no init=: its weights would be uninitialised. Fix: pass init=lambda index, layer: ... "
+                            f"that fills the layer's parameters"
+                        )
+                    layer = _materialize(layer, device)
+                if init is not None:
+                    with torch.no_grad():
+                        init(i, layer)
+                self._register_at(names[i], layer)
+                local.append((i, layer))
+        del full  # other stages' (meta) layers are dropped here
+        self._local_indices = [i for i, _ in local]
+        # Stage wrappers share the layers but are not registered: names stay the declared ones.
+        by_index = dict(local)
+        object.__setattr__(self, "_stages", [(s, _Stage([by_index[i] for i in range(*ranges[s])])) for s in plan.stages])
+        object.__setattr__(self, "_chain", [m for _, m in local])
+
+    def _register_at(self, path: str, layer: nn.Module) -> None:
+        """``"blocks.3"`` -> ``self.blocks["3"]``: state-dict names are the declared dotted paths."""
+        *parents, leaf = path.split(".")
+        owner: nn.Module = self
+        for part in parents:
+            child = owner._modules.get(part)
+            if child is None:
+                if hasattr(owner, part):
+                    raise ValueError(f"layer name {path!r}: {part!r} clashes with an attribute of {type(owner).__name__}")
+                child = _Container()
+                owner.add_module(part, child)
+            owner = child
+        if leaf in owner._modules or (owner is self and hasattr(self, leaf)):
+            raise ValueError(f"layer name {path!r} is used twice or clashes with an attribute of PipelineSequential")
+        owner.add_module(leaf, layer)
+
+    # -- introspection
+    @property
+    def is_pipelined(self) -> bool:
+        return self.plan.pp > 1
+
+    @property
+    def device(self) -> torch.device:
+        p = next(iter(self.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def local_stages(self) -> list[tuple[int, nn.Module]]:
+        """``(stage id, module)`` of this rank's stages, in increasing stage order."""
+        return list(self._stages)
+
+    def layer_indices(self) -> list[int]:
+        """Indices (in the full model) of the layers this rank holds."""
+        return list(self._local_indices)
+
+    # -- running
+    def run_layers(self, *args: Any) -> Any:
+        """Every local layer in order (the whole model when pp = 1)."""
+        if self.is_pipelined:
+            raise RuntimeError("run_layers() needs every layer on this rank; at pp > 1 call pipe(inputs) "
+                               "or pipe.loss(inputs, target, loss_fn), which run the schedule")
+        x: Any = args
+        for layer in self._chain:
+            x = layer(*x) if isinstance(x, tuple) else layer(x)
+        return x
+
+    def forward(self, *args: Any) -> Any:
+        """The model's output. At pp > 1 a forward-only pass of the schedule, whose output (on the last
+        stage) is sent to every pipeline rank."""
+        if not self.is_pipelined:
+            return self.run_layers(*args)
+        return self.plan.schedule.forward_backward_step(self, args, None, None, backward=False).output
+
+    def loss(self, *args: Any, target: torch.Tensor | None = None, loss_fn: LossFn | None = None) -> torch.Tensor:
+        """``loss_fn(model(*args), target)`` for the whole batch, the same value on every rank.
+
+        Positional form: ``pipe.loss(x, y, loss_fn)`` (the last two arguments are the target and the
+        loss function). In a pipelined ``training_step`` the schedule also runs the backward pass
+        (the strategy then skips Lightning's); elsewhere, or at pp = 1, it is a forward pass.
+        """
+        if target is None and loss_fn is None and len(args) >= 3 and callable(args[-1]):
+            *inputs, target, loss_fn = args
+            args = tuple(inputs)
+        if target is None or loss_fn is None:
+            raise TypeError("pipe.loss(*inputs, target, loss_fn): a target tensor and a loss function are needed")
+        scale = _backward_scale()
+        result = self.plan.schedule.forward_backward_step(
+            self, tuple(args), target, loss_fn, backward=scale is not None and self.is_pipelined,
+            loss_scale=1.0 if scale is None else scale)
+        assert result.loss is not None
+        return result.loss
+
+    def check_batch(self, args: tuple[Any, ...], target: torch.Tensor | None) -> None:
+        """The rules torch's pipelining needs, checked before any message is sent (every pipeline
+        rank sees the same batch, so all of them raise together instead of hanging)."""
+        m = self.plan.num_microbatches
+        tensors = [a for a in args if isinstance(a, torch.Tensor)] + ([target] if target is not None else [])
+        if not tensors:
+            raise TypeError("a pipeline step needs at least one input tensor (split along dim 0 into micro-batches)")
+        sizes = {int(t.shape[0]) if t.dim() else -1 for t in tensors}
+        if len(sizes) != 1 or -1 in sizes:
+            raise ValueError(f"pipeline inputs and target must share their first (batch) dimension, got sizes "
+                             f"{[tuple(t.shape) for t in tensors]}")
+        size = sizes.pop()
+        if size % m:
+            raise ValueError(
+                f"batch size {size} is not divisible by num_microbatches={m}: the pipeline splits every batch into "
+                f"{m} equal micro-batches. Fix: a batch size that is a multiple of {m} (e.g. {max(m, size - size % m)}), "
+                f"drop_last=True in the DataLoader, or num_microbatches dividing {size}"
+            )
