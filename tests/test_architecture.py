@@ -1,7 +1,8 @@
 """The arrows between modules point one way (docs/ARCHITECTURE.md): no import cycles, sub-packages
 never import the package root, and no module imports a layer above its own.
 
-Read from the source with ``ast`` (every import, also those inside functions), so nothing is run.
+Read from the source with ``ast`` (every import, also those inside functions; not those under
+``if TYPE_CHECKING:``, which only annotations use), so nothing is run.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ PKG = "lightning_parallelctx"
 
 #: docs/ARCHITECTURE.md's layers; a module may import its own layer or below. First match wins.
 LAYERS = [
-    (1, ("layout", "initializers", "launchers", "mode", "markers", "errors")),
-    (2, ("process_groups", "rendezvous")),
+    (1, ("layout", "initializers", "launchers", "mode", "markers", "errors", "topology")),
+    (2, ("process_groups", "rendezvous", "faults", "watchdog")),
     (3, ("context", "current", "plan")),
     (4, ("distributed",)),
-    (5, ("nn", "grad_sync", "random", "pipeline", "testing")),
+    (5, ("nn", "grad_sync", "random", "pipeline", "dtensor", "testing")),
     (6, ("lightning", "__main__")),
 ]
 
@@ -36,13 +37,30 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in ROOT.rglob("*.py")}
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node except those under ``if TYPE_CHECKING:`` (annotations only: never run, no arrow)."""
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        todo.extend(c for c in ast.iter_child_nodes(node) if not _is_type_checking(c))
+    return out
+
+
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """The package's own modules that ``name`` imports (a ``from X import y`` counts as X.y when
     X.y is a module, else as X)."""
     is_pkg = path.name == "__init__.py"
     package = name if is_pkg else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == PKG)
         elif isinstance(node, ast.ImportFrom):
