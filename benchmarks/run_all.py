@@ -33,17 +33,20 @@ BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 #: name -> (script, full-run arguments, --quick arguments). Several runs of one script are
 #: distinguished by name (the two tensor-parallel sizes the issue tracks).
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
-    "context_scale": ("bench_context_scale.py", ["--repeats", "3"], ["--repeats", "1", "--worlds", "1024", "4096", "16384"]),
+    "context_scale": ("bench_context_scale.py", ["--repeats", "3"],
+                      ["--repeats", "1", "--worlds", "1024", "4096", "16384"]),
     "dp_hook": ("dp_hook_vs_ddp.py", ["--rounds", "40"], ["--rounds", "12", "--warmup", "3"]),
     "tensor_parallel_256": ("bench_tensor_parallel.py", ["--rounds", "40", "--d-model", "256", "--tokens", "64"],
                             ["--rounds", "20", "--d-model", "256", "--tokens", "64"]),
     "tensor_parallel_1024": ("bench_tensor_parallel.py", ["--rounds", "20", "--d-model", "1024", "--tokens", "256"],
                              ["--rounds", "8", "--warmup", "2", "--d-model", "1024", "--tokens", "256"]),
     "collectives": ("bench_collectives.py", ["--rounds", "40"], ["--rounds", "12", "--warmup", "2"]),
-    "collectives_fake": ("bench_collectives.py", ["--fake", "--rounds", "40"], ["--fake", "--rounds", "10", "--warmup", "2"]),
+    "collectives_fake": ("bench_collectives.py", ["--fake", "--rounds", "40"],
+                         ["--fake", "--rounds", "10", "--warmup", "2"]),
     "compile": ("bench_compile.py", ["--rounds", "30"], ["--rounds", "12"]),
 }
-GROUPS = {"collectives": ["collectives", "collectives_fake"], "tensor_parallel": ["tensor_parallel_256", "tensor_parallel_1024"]}
+GROUPS = {"collectives": ["collectives", "collectives_fake"],
+          "tensor_parallel": ["tensor_parallel_256", "tensor_parallel_1024"]}
 
 
 def machine() -> str:

@@ -1,0 +1,50 @@
+"""benchmarks/run_all.py formats what the benchmarks report and rewrites only README's marked block
+(no benchmark runs here: the results are made up, the formatting and the file surgery are real)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run_all():
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _results() -> dict:
+    row = {"ours_ms": 1.0, "peer_ms": 2.0, "median": 0.5, "paired": 0.55, "min_ratio": 1.01, "added_us": 0.4}
+    coll = {"results": {"8 MiB": {"rows": {"fwd+bwd / copy": row}}, "64 KiB": {"rows": {"fwd+bwd / copy": row}}},
+            "_command": "python benchmarks/bench_collectives.py"}
+    tp = {"results": {k: {"ours_ms": 3.0, "peer_ms": 4.0, "median": 0.75, "paired": 0.7, "max_diff": 0.0}
+                      for k in ("mlp", "attention")}, "_command": "python benchmarks/bench_tensor_parallel.py"}
+    return {
+        "tensor_parallel_256": tp,
+        "collectives": coll,
+        "compile": {"args": {"d_model": 256, "tokens": 64, "backend": "inductor"}, "_command": "c",
+                    "results": {"eager_ms": 2.0, "compiled_ms": 1.5, "median": 0.75, "paired": 0.8,
+                                "compile_s": 50.0, "max_diff": 1e-7}},
+    }
+
+
+def test_render_and_rewrite_only_the_marked_block(tmp_path: Path) -> None:
+    run_all = _run_all()
+    block = run_all.render(_results(), "HEADER")
+    assert block.startswith(run_all.BEGIN) and block.rstrip().endswith(run_all.END)
+    assert "| mlp | 0.750 / 0.700 (3.0 vs 4.0 ms) | (not run) |" in block
+    assert "| fwd+bwd / copy | 0.500 / 0.550 |" in block
+    assert "| 2.00 | 1.50 | 0.750 / 0.800 | 50 |" in block
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{run_all.BEGIN}\nold table\n{run_all.END}\noutro\n")
+    run_all.write_readme(readme, block)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text and "HEADER" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        run_all.write_readme(readme, block)
