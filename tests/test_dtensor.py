@@ -322,8 +322,10 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
 
     ctx = current_context()
     for name, fsdp, strategy_fsdp in (("lib", False, False), ("lib_fsdp", True, False), ("lib_strategy_fsdp", False, True)):
-        run = _fit(ours(fsdp=strategy_fsdp), "lib", fsdp)
+        run = _fit(ours(fsdp=strategy_fsdp), "lib", fsdp, predict=strategy_fsdp)
         run["weights"] = _lib_full_weights(run["weights"], ctx)
+        if "after_predict" in run:
+            run["after_predict"] = _lib_full_weights(run["after_predict"], ctx)
         res[name] = run
     res["lib_meta"] = _fit(ours(), "lib", meta=True)
     res["lib_meta"]["weights"] = _lib_full_weights(res["lib_meta"]["weights"], ctx)
@@ -431,9 +433,11 @@ def test_meta_init_gives_the_eager_models_weights(world: list[dict[str, Any]]) -
         _close(res["plain"]["losses"], res["mp_fsdp"]["losses"])
 
 
-def test_validate_and_predict(world: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize("name", ["ours_fsdp", "lib_strategy_fsdp"])
+def test_validate_and_predict(world: list[dict[str, Any]], name: str) -> None:
+    # The DTensor+FSDP2 model, and the library's layers under fsdp=True.
     for rank, res in enumerate(world):
-        run = res["ours_fsdp"]
+        run = res[name]
         assert len(run["val"]) == 2 and all(v == v for v in run["val"])
         _same_weights(run["after_predict"], run["weights"])
         w = run["weights"]
