@@ -82,6 +82,9 @@ def _dtensor_fit(rank: int, world: int, variant: str, steps: int) -> dict:
             x, y = batch
             return torch.nn.functional.mse_loss(self.blocks(x), y)
 
+        def on_train_start(self):
+            self.rss_at_start = _rss_mb()
+
         def on_train_batch_start(self, batch, batch_idx):
             self._t = time.perf_counter()
 
@@ -102,7 +105,7 @@ def _dtensor_fit(rank: int, world: int, variant: str, steps: int) -> dict:
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     before = _rss_mb()
     trainer.fit(model, loader)
-    return {"times": model.times[2:], "rss_growth_mb": _rss_mb() - before}
+    return {"times": model.times[2:], "rss_growth_mb": _rss_mb() - before, "rss_setup_mb": model.rss_at_start - before}
 
 
 def part_dtensor(steps: int, rounds: int) -> None:
@@ -110,12 +113,14 @@ def part_dtensor(steps: int, rounds: int) -> None:
 
     times: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
     rss: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
+    setup: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
     for r in range(rounds):
         order = ["model_parallel", "parallelctx"] if r % 2 == 0 else ["parallelctx", "model_parallel"]
         for variant in order:
             out = spawn(_dtensor_fit, 4, *(variant, steps), timeout=600)
             times[variant] += [max(step) for step in zip(*(o["times"] for o in out))]
             rss[variant].append(max(o["rss_growth_mb"] for o in out))
+            setup[variant].append(max(o["rss_setup_mb"] for o in out))
     med = {v: statistics.median(t) for v, t in times.items()}
     peak = {v: max(m) for v, m in rss.items()}
     print(f"[dtensor] tp2 x dp2, {BLOCKS} SwiGLU blocks {DIM}->{HIDDEN}, batch {BATCH}/rank, AdamW + clipping")
@@ -123,6 +128,8 @@ def part_dtensor(steps: int, rounds: int) -> None:
           f"ParallelCtxStrategy {med['parallelctx'] * 1e3:.1f} ms, ratio {med['parallelctx'] / med['model_parallel']:.3f}")
     print(f"  peak RSS growth during fit (max over ranks): ModelParallelStrategy {peak['model_parallel']:.1f} MB, "
           f"ParallelCtxStrategy {peak['parallelctx']:.1f} MB, ratio {peak['parallelctx'] / max(peak['model_parallel'], 1e-9):.3f}")
+    print(f"  of which before the first step (process groups, model, setup): ModelParallelStrategy "
+          f"{max(setup['model_parallel']):.1f} MB, ParallelCtxStrategy {max(setup['parallelctx']):.1f} MB")
 
 
 # ------------------------------------------------------------------------------ 2. FSDP option
