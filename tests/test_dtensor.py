@@ -251,6 +251,11 @@ def _bad_inputs(ctx: Any) -> dict[str, str]:
     m4 = torch.nn.Sequential(ColumnParallelLinear(4, 4))
     fully_shard(m4, mesh=mesh["data_parallel"])
     expect("lib_marks_lost", lambda: check_marks_kept(m4, fsdp_managed(m4)))
+    # 5. fsdp=True on a model that already holds tensor-parallel DTensors.
+    from lightning_parallelctx.lightning.fsdp import shard_model
+
+    m5 = parallelize_module(torch.nn.Sequential(torch.nn.Linear(4, 4)), mesh["tensor_parallel"], {"0": ColwiseParallel()})
+    expect("fsdp_on_dtensors", lambda: shard_model(m5, ctx))
     return errors
 
 
@@ -464,3 +469,4 @@ def test_bad_inputs_raise_on_every_rank(world: list[dict[str, Any]]) -> None:
         assert "FSDP2's mesh must be the context's data mesh" in bad["fsdp_not_data"], bad["fsdp_not_data"]
         assert "not managed by FSDP2" in bad["fsdp_params_to_hook"], bad["fsdp_params_to_hook"]
         assert "drops the library's tensor-parallel marks" in bad["lib_marks_lost"], bad["lib_marks_lost"]
+        assert "already has DTensor parameters" in bad["fsdp_on_dtensors"], bad["fsdp_on_dtensors"]
