@@ -10,11 +10,14 @@ library's sharding and meta-device init save in memory per rank.
 2. ``fsdp``: the GPT example (library layers) at tp2 x dp2, bytes per rank held in parameters,
    gradients and AdamW state, without and with ``ParallelCtxStrategy(fsdp=True)`` (exact, counted
    from the local tensors).
-3. ``init``: peak RSS growth per rank while the GPT example builds its model (configure_model), at
+3. ``gpt``: the GPT example (library layers) under ``ParallelCtxStrategy(fsdp=True)`` against the
+   same architecture written with nn modules + ``parallelize_module`` + ``fully_shard`` under
+   ModelParallelStrategy, tp2 x dp2: step time ratio, bytes held, peak RSS growth.
+4. ``init``: peak RSS growth per rank while the GPT example builds its model (configure_model), at
    tp1 (1 process) and tp4 (4 processes), with the meta-device init it uses now against the old
    way (build the full model, initialise, cut the shard).
 
-    python benchmarks/bench_dtensor.py [--part dtensor,fsdp,init] [--steps 12] [--rounds 2]
+    python benchmarks/bench_dtensor.py [--part dtensor,gpt,fsdp,init] [--steps 12] [--rounds 2]
 
 Machines here are small and shared: read ratios, not absolute times (BENCHMARKING.md).
 """
@@ -82,6 +85,9 @@ def _dtensor_fit(rank: int, world: int, variant: str, steps: int) -> dict:
             x, y = batch
             return torch.nn.functional.mse_loss(self.blocks(x), y)
 
+        def on_train_start(self):
+            self.rss_at_start = _rss_mb()
+
         def on_train_batch_start(self, batch, batch_idx):
             self._t = time.perf_counter()
 
@@ -102,7 +108,7 @@ def _dtensor_fit(rank: int, world: int, variant: str, steps: int) -> dict:
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     before = _rss_mb()
     trainer.fit(model, loader)
-    return {"times": model.times[2:], "rss_growth_mb": _rss_mb() - before}
+    return {"times": model.times[2:], "rss_growth_mb": _rss_mb() - before, "rss_setup_mb": model.rss_at_start - before}
 
 
 def part_dtensor(steps: int, rounds: int) -> None:
@@ -110,12 +116,14 @@ def part_dtensor(steps: int, rounds: int) -> None:
 
     times: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
     rss: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
+    setup: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
     for r in range(rounds):
         order = ["model_parallel", "parallelctx"] if r % 2 == 0 else ["parallelctx", "model_parallel"]
         for variant in order:
             out = spawn(_dtensor_fit, 4, *(variant, steps), timeout=600)
             times[variant] += [max(step) for step in zip(*(o["times"] for o in out))]
             rss[variant].append(max(o["rss_growth_mb"] for o in out))
+            setup[variant].append(max(o["rss_setup_mb"] for o in out))
     med = {v: statistics.median(t) for v, t in times.items()}
     peak = {v: max(m) for v, m in rss.items()}
     print(f"[dtensor] tp2 x dp2, {BLOCKS} SwiGLU blocks {DIM}->{HIDDEN}, batch {BATCH}/rank, AdamW + clipping")
@@ -123,6 +131,139 @@ def part_dtensor(steps: int, rounds: int) -> None:
           f"ParallelCtxStrategy {med['parallelctx'] * 1e3:.1f} ms, ratio {med['parallelctx'] / med['model_parallel']:.3f}")
     print(f"  peak RSS growth during fit (max over ranks): ModelParallelStrategy {peak['model_parallel']:.1f} MB, "
           f"ParallelCtxStrategy {peak['parallelctx']:.1f} MB, ratio {peak['parallelctx'] / max(peak['model_parallel'], 1e-9):.3f}")
+    print(f"  of which before the first step (process groups, model, setup): ModelParallelStrategy "
+          f"{max(setup['model_parallel']):.1f} MB, ParallelCtxStrategy {max(setup['parallelctx']):.1f} MB")
+
+
+# ------------------------------------------------------------------------------ 1b. GPT vs DTensor GPT
+def _gpt_fit(rank: int, world: int, variant: str, steps: int) -> dict:
+    """The GPT example (library layers, ParallelCtxStrategy(fsdp=True)) or the same architecture in
+    plain nn modules with parallelize_module + fully_shard (ModelParallelStrategy), tp2 x dp2."""
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch import nn
+
+    from examples.gpt.data import GPTDataModule
+    from examples.gpt.model import GPTLightning
+    from lightning_parallelctx import ParallelCtxStrategy
+    from lightning_parallelctx.dtensor import local
+
+    pin_to_core(rank)
+    h = GPT
+
+    class Attention(nn.Module):
+        def __init__(self, tp: int) -> None:
+            super().__init__()
+            d = h["d_model"]
+            self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+            self.local_heads, self.head_dim = h["n_heads"] // tp, d // h["n_heads"]
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (p(x).view(b, t, self.local_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+    class Block(nn.Module):
+        def __init__(self, tp: int) -> None:
+            super().__init__()
+            d = h["d_model"]
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.attn = Attention(tp)
+            self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.proj(F.gelu(self.fc(self.ln2(x))))
+
+    class DTensorGPT(pl.LightningModule):
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.tensor import Replicate
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            tp_mesh, dp_mesh = self.device_mesh["tensor_parallel"], self.device_mesh["data_parallel"]
+            d = h["d_model"]
+            self.tok, self.pos = nn.Embedding(h["vocab_size"], d), nn.Embedding(h["seq_len"], d)
+            self.blocks = nn.ModuleList(Block(tp_mesh.size()) for _ in range(h["n_layers"]))
+            self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, h["vocab_size"], bias=False)
+            plan = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+                    "attn.out": RowwiseParallel(), "fc": ColwiseParallel(), "proj": RowwiseParallel()}
+            for block in self.blocks:
+                parallelize_module(block, tp_mesh, plan)
+                fully_shard(block, mesh=dp_mesh)
+            parallelize_module(self, tp_mesh, {"tok": RowwiseParallel(input_layouts=Replicate()),
+                                               "head": ColwiseParallel(output_layouts=Replicate())})
+            for m in (self.tok, self.pos, self.ln_f, self.head):
+                fully_shard(m, mesh=dp_mesh)
+
+        def training_step(self, batch, batch_idx):
+            ids, targets = batch
+            x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+            for block in self.blocks:
+                x = block(x)
+            logits = self.head(self.ln_f(x))
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    class Timed(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.times.append(time.perf_counter() - self._t)
+
+    if variant == "model_parallel":
+        model, strategy = DTensorGPT(), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=2)
+    else:
+        model = GPTLightning(**h, lr=1e-3)
+        strategy = ParallelCtxStrategy(tensor_parallel_size=2, fsdp=True, print_layout=False)
+    data = GPTDataModule(vocab_size=h["vocab_size"], seq_len=h["seq_len"], num_samples=16 * steps, num_val_samples=8,
+                         global_batch_size=16)
+    timed = Timed()
+    pl.seed_everything(0, verbose=False)
+    # No clipping: under ModelParallelStrategy torch's clip_grad_norm_ fails on this model ("All operands
+    # in aten.stack.default must have the same mesh": LayerNorms are 1-D data-mesh DTensors, the
+    # linears 2-D); ParallelCtxStrategy clips it, but the comparison must do the same work.
+    trainer = pl.Trainer(accelerator="cpu", devices=4, strategy=strategy, max_steps=steps,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timed])
+    before = _rss_mb()
+    trainer.fit(model, data)
+    held = sum(local(t).numel() * local(t).element_size()
+               for t in [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None),
+                         *(v for s in trainer.optimizers[0].state.values() for v in s.values())]
+               if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return {"times": timed.times[2:], "rss_growth_mb": _rss_mb() - before, "held_mb": held / 2**20}
+
+
+def part_gpt(steps: int, rounds: int) -> None:
+    from lightning_parallelctx.testing import spawn
+
+    times: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
+    rss: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
+    held: dict[str, float] = {}
+    for r in range(rounds):
+        for variant in (["model_parallel", "parallelctx"] if r % 2 == 0 else ["parallelctx", "model_parallel"]):
+            out = spawn(_gpt_fit, 4, variant, steps, timeout=600)
+            times[variant] += [max(step) for step in zip(*(o["times"] for o in out))]
+            rss[variant].append(max(o["rss_growth_mb"] for o in out))
+            held[variant] = max(o["held_mb"] for o in out)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    print(f"[gpt] GPT {GPT}, tp2 x dp2, FSDP2 on both: library layers under ParallelCtxStrategy(fsdp=True) vs the "
+          f"same architecture in DTensor (parallelize_module + fully_shard) under ModelParallelStrategy")
+    print(f"  step median: ModelParallelStrategy {med['model_parallel'] * 1e3:.1f} ms, ParallelCtxStrategy "
+          f"{med['parallelctx'] * 1e3:.1f} ms, ratio {med['parallelctx'] / med['model_parallel']:.3f}")
+    print(f"  params+grads+optimizer per rank: {held['model_parallel']:.2f} MB vs {held['parallelctx']:.2f} MB; peak RSS "
+          f"growth during fit: {max(rss['model_parallel']):.1f} MB vs {max(rss['parallelctx']):.1f} MB, ratio "
+          f"{max(rss['parallelctx']) / max(rss['model_parallel']):.3f}")
 
 
 # ------------------------------------------------------------------------------ 2. FSDP option
@@ -208,7 +349,7 @@ def part_init() -> None:
 def main() -> None:
     reexec_with_malloc_env()
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", default="dtensor,fsdp,init")
+    parser.add_argument("--part", default="dtensor,gpt,fsdp,init")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
@@ -219,6 +360,8 @@ def main() -> None:
         part_fsdp()
     if "dtensor" in parts:
         part_dtensor(args.steps, args.rounds)
+    if "gpt" in parts:
+        part_gpt(args.steps, args.rounds)
 
 
 if __name__ == "__main__":

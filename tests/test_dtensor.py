@@ -251,6 +251,11 @@ def _bad_inputs(ctx: Any) -> dict[str, str]:
     m4 = torch.nn.Sequential(ColumnParallelLinear(4, 4))
     fully_shard(m4, mesh=mesh["data_parallel"])
     expect("lib_marks_lost", lambda: check_marks_kept(m4, fsdp_managed(m4)))
+    # 5. fsdp=True on a model that already holds tensor-parallel DTensors.
+    from lightning_parallelctx.lightning.fsdp import shard_model
+
+    m5 = parallelize_module(torch.nn.Sequential(torch.nn.Linear(4, 4)), mesh["tensor_parallel"], {"0": ColwiseParallel()})
+    expect("fsdp_on_dtensors", lambda: shard_model(m5, ctx))
     return errors
 
 
@@ -322,8 +327,10 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
 
     ctx = current_context()
     for name, fsdp, strategy_fsdp in (("lib", False, False), ("lib_fsdp", True, False), ("lib_strategy_fsdp", False, True)):
-        run = _fit(ours(fsdp=strategy_fsdp), "lib", fsdp)
+        run = _fit(ours(fsdp=strategy_fsdp), "lib", fsdp, predict=strategy_fsdp)
         run["weights"] = _lib_full_weights(run["weights"], ctx)
+        if "after_predict" in run:
+            run["after_predict"] = _lib_full_weights(run["after_predict"], ctx)
         res[name] = run
     res["lib_meta"] = _fit(ours(), "lib", meta=True)
     res["lib_meta"]["weights"] = _lib_full_weights(res["lib_meta"]["weights"], ctx)
@@ -431,9 +438,11 @@ def test_meta_init_gives_the_eager_models_weights(world: list[dict[str, Any]]) -
         _close(res["plain"]["losses"], res["mp_fsdp"]["losses"])
 
 
-def test_validate_and_predict(world: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize("name", ["ours_fsdp", "lib_strategy_fsdp"])
+def test_validate_and_predict(world: list[dict[str, Any]], name: str) -> None:
+    # The DTensor+FSDP2 model, and the library's layers under fsdp=True.
     for rank, res in enumerate(world):
-        run = res["ours_fsdp"]
+        run = res[name]
         assert len(run["val"]) == 2 and all(v == v for v in run["val"])
         _same_weights(run["after_predict"], run["weights"])
         w = run["weights"]
@@ -460,3 +469,4 @@ def test_bad_inputs_raise_on_every_rank(world: list[dict[str, Any]]) -> None:
         assert "FSDP2's mesh must be the context's data mesh" in bad["fsdp_not_data"], bad["fsdp_not_data"]
         assert "not managed by FSDP2" in bad["fsdp_params_to_hook"], bad["fsdp_params_to_hook"]
         assert "drops the library's tensor-parallel marks" in bad["lib_marks_lost"], bad["lib_marks_lost"]
+        assert "already has DTensor parameters" in bad["fsdp_on_dtensors"], bad["fsdp_on_dtensors"]

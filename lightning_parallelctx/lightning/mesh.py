@@ -59,10 +59,21 @@ warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mes
 
 def lightning_device_mesh(ctx: ParallelContext) -> DeviceMesh:
     """The context's DeviceMesh with the flattened names above registered on it (idempotent)."""
+    root = ctx.device_mesh
+    try:
+        _register_flat_dims(root, ctx)
+    except (ImportError, AttributeError, TypeError) as err:
+        # DeviceMesh internals moved (another torch version): the library's own dim names still
+        # work; Lightning's names then raise torch's KeyError listing them.
+        warnings.warn(f"self.device_mesh: could not add the names {sorted(LIGHTNING_NAMES)} on this torch version "
+                      f"({type(err).__name__}: {err}); use the dims {root.mesh_dim_names}", stacklevel=2)
+    return root
+
+
+def _register_flat_dims(root: DeviceMesh, ctx: ParallelContext) -> None:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.device_mesh import _MeshLayout  # type: ignore[attr-defined]
 
-    root = ctx.device_mesh
     names = root.mesh_dim_names
     assert names is not None
     for flat_name, mode in LIGHTNING_NAMES.items():
@@ -84,4 +95,3 @@ def lightning_device_mesh(ctx: ParallelContext) -> DeviceMesh:
         flat._dim_group_names = [group.group_name]
         root._pg_registry[group.group_name] = group
         root._flatten_mapping[flat_name] = flat
-    return root
