@@ -123,6 +123,12 @@ def _layouts_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     res["losses"], res["final"], res["rng10"] = losses, _full(model), rng["step10"]
     res["files10"] = sorted(os.listdir(f"{tmp}/ck/step=10.ckpt"))
     res["local_final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # The CLI's case: a fit cut short by max_steps=10, its checkpoint saved in on_train_epoch_end of
+    # an unfinished epoch (Lightning then sets the sampler's epoch to 1 on resume), resumed to 20.
+    at_end = ModelCheckpoint(dirpath=f"{tmp}/cut", filename="{step}")
+    _train(RESUME_AT["tp2-dp2"], MODEL, [at_end], max_steps=10)
+    model, _, resumed = _train(RESUME_AT["tp2-dp2"], MODEL, [], ckpt_path=f"{tmp}/cut/step=10.ckpt")
+    res["cut_short"] = {"losses": resumed, "local_final": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     # A consolidated (full, single-file) checkpoint with optimizer state, cut to tp4 shards on load.
     import torch.distributed as dist
 
@@ -282,6 +288,13 @@ def test_same_layout_mid_epoch_resume_is_bit_exact(layouts: tuple) -> None:
         assert all(torch.equal(saved["streams"][n]["cpu"], restored["streams"][n]["cpu"]) for n in saved["streams"])
     # ... and they are per rank: the tensor stream differs across TENSOR ranks (0 and 1).
     assert not torch.equal(runs[0]["rng10"]["streams"]["tensor"]["cpu"], runs[1]["rng10"]["streams"]["tensor"]["cpu"])
+
+
+def test_resume_of_a_fit_cut_short_by_max_steps_is_bit_exact(layouts: tuple) -> None:
+    runs, _ = layouts
+    for r in runs:
+        assert r["cut_short"]["losses"] == r["losses"][10:], (r["cut_short"]["losses"][:3], r["losses"][10:13])
+        assert all(torch.equal(v, r["cut_short"]["local_final"][k]) for k, v in r["local_final"].items())
 
 
 @pytest.mark.parametrize("layout", ["tp4", "dp4", "sp2-dp2", "tp2-dp2-dp-inner"])

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
 from .. import random as pctx_random
@@ -158,6 +159,36 @@ def _write_meta(rest: Mapping[str, Any], path: Path) -> None:
     atomic.commit(path, [meta], marker_text=f"format {FORMAT_VERSION}\n")
 
 
+def _copy(state: Any) -> Any:
+    if isinstance(state, DTensor):
+        return DTensor.from_local(state.to_local().detach().clone(), state.device_mesh, state.placements,
+                                  run_check=False, shape=state.shape, stride=state.stride())
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _copy(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_copy(v) for v in state]
+    return state
+
+
+class _LocalCopy(AsyncStager):
+    """Stages by cloning the local tensors. DCP's default stager deep-copies every DTensor, its mesh
+    included: 0.4 s of the training loop's time for the GPT benchmark's 114 tensors, longer than
+    the whole synchronous save there."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return _copy(state_dict)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class CheckpointSaver:
     """Writes checkpoints for one strategy; at most one asynchronous save in flight at a time.
 
@@ -195,9 +226,9 @@ class CheckpointSaver:
             return
         if self._group is None:
             self._group = dist.new_group(backend="gloo")
-        # DCP's default stager copies every tensor before returning (on CPU too): training may go
-        # on changing the parameters while the copy is written. (The async test checks it.)
-        future = dcp.async_save(state, storage_writer=writer, process_group=self._group)
+        # Training goes on changing the parameters while the copy is written (the async test checks
+        # the file holds the step it was saved at).
+        future = dcp.async_save(state, storage_writer=writer, process_group=self._group, async_stager=_LocalCopy())
         self._committed.clear()
         if ctx.get_global_rank() == 0:
             future.add_done_callback(lambda f: self._finish(f, rest, path))

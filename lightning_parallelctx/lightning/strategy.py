@@ -297,10 +297,10 @@ class ParallelCtxStrategy(ParallelStrategy):
 
     def process_dataloader(self, dataloader: object) -> object:
         # Mid-epoch resume reads the batches the uninterrupted run reads (resume_data.py).
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        trainer = getattr(self.lightning_module, "_trainer", None)
         if trainer is None or not trainer.training:
             return dataloader
-        return make_resumable(dataloader, lambda: batches_already_run(trainer))
+        return make_resumable(dataloader, lambda: batches_already_run(trainer), lambda: trainer.current_epoch)
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -555,7 +555,7 @@ class ParallelCtxStrategy(ParallelStrategy):
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:
-            # Only rank 0 calls it (ModelCheckpoint's top-k pruning): no collective here.
+            # Rank 0 alone deletes (ModelCheckpoint's top-k pruning): no collective here.
             self._saver.wait_local()
             atomic.remove(Path(filepath))
 
