@@ -290,3 +290,25 @@ def test_meta_layers_need_init() -> None:
         layers = [nn.Linear(2, 2)]
     with pytest.raises(ValueError, match="no init="):
         PipelineSequential(layers)
+
+
+def test_planner_timeline_and_bubble(tmp_path: Path) -> None:
+    from lightning_parallelctx.pipeline.timeline import timeline_for, to_svg
+    from lightning_parallelctx.plan import main as plan_main
+
+    # Unit-time slots: GPipe and 1F1B leave (p-1)/(m+p-1) idle, interleaving v stages (p-1)/(v m+p-1).
+    for name in ("gpipe", "1f1b"):
+        assert abs(timeline_for(name, 4, 8).bubble_fraction - 3 / 11) < 1e-9
+    assert abs(timeline_for("interleaved_1f1b", 4, 8).bubble_fraction - 3 / 19) < 1e-9
+    for name in ("looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev"):
+        tl = timeline_for(name, 4, 8)
+        slots = [s for row in tl.rows for s in row if s is not None]
+        # Every micro-batch passes every stage forward and backward exactly once.
+        assert sorted((s.stage, s.microbatch) for s in slots if s.kind == "F") == [(st, mb) for st in range(8) for mb in range(8)]
+        assert sum(s.kind in ("B", "I") for s in slots) == 64
+    tl = timeline_for("zbv_zero_bubble", 2, 4)
+    assert tl.bubble_fraction < timeline_for("1f1b", 2, 4).bubble_fraction
+    assert to_svg(tl).startswith("<svg") and "bubble" in to_svg(tl)
+    out = tmp_path / "t.svg"
+    assert plan_main(["-n", "8", "--pp", "4", "--schedule", "1f1b", "--microbatches", "8", "--svg", str(out)]) == 0
+    assert out.read_text().count("<rect") > 4 * 22
