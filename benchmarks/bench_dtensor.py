@@ -311,24 +311,25 @@ def part_fsdp() -> None:
 def _gpt_init(rank: int, world: int, way: str) -> float:
     import torch
 
-    from examples.gpt.model import GPT as Net
+    from examples.gpt.model import GPTLightning, gpt_layers
     from lightning_parallelctx import ParallelContext
     from lightning_parallelctx.distributed import LocalContext
     from lightning_parallelctx.nn import shard_state_dict
+    from lightning_parallelctx.pipeline import PipelineSequential, StagePlan
 
     ctx = ParallelContext.from_torch(tensor_parallel_size=world)
     before = _rss_mb()
-    args = (GPT["vocab_size"], GPT["seq_len"], GPT["d_model"], GPT["n_heads"], GPT["n_layers"])
-    if way == "meta":  # what GPTLightning.configure_model does now
-        with torch.device("meta"):
-            model = Net(*args, ctx)
-        model.init_weights(0)
+    if way == "meta":  # what GPTLightning.configure_model does now: meta layers, each one initialised and cut
+        model = GPTLightning(**GPT)
+        model.parallel_context = ctx
+        model.configure_model()
     else:  # the old way: the full model on every rank, initialised, then cut
-        full = Net(*args, LocalContext())
+        args = (GPT["vocab_size"], GPT["seq_len"], GPT["d_model"], GPT["n_heads"], GPT["n_layers"])
+        full = PipelineSequential(gpt_layers(*args, LocalContext()), StagePlan())
         with torch.no_grad():
             for p in full.parameters():
                 p.normal_(0, 0.02)
-        model = Net(*args, ctx)
+        model = PipelineSequential(gpt_layers(*args, ctx), StagePlan())
         model.load_state_dict(shard_state_dict(full.state_dict(), model, ctx))
         del full
     return _rss_mb() - before
