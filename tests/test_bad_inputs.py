@@ -115,9 +115,9 @@ def _cases(tmp: Path, multi: bool) -> list[tuple[str, Callable[[], Any], type, s
          r"rank 1: no rendezvous host and port for 4 openmpi processes.*pass host=/port=.*MASTER_ADDR"),
         # ---------------------------------------------------------------- checkpoint paths
         ("checkpoint: a directory that is not one", lambda: _load_from(tmp / "not-a-checkpoint"), Exception,
-         r"not-a-checkpoint is a directory without .*: not a sharded checkpoint"),
+         r"not-a-checkpoint is a directory but not a checkpoint of this library: it has no .metadata"),
         ("checkpoint: overwrite a foreign directory", lambda: _save_into(tmp / "foreign"), Exception,
-         r"foreign is a non-empty directory that is not a sharded checkpoint; refusing to overwrite it"),
+         r"foreign is a non-empty directory that is not a checkpoint; refusing to overwrite it. Fix: save to another"),
         # ---------------------------------------------------------------- shapes
         ("all_to_all scatter_dim == gather_dim", lambda: all_to_all(torch.zeros(4, 4), 0, 0, mode="tensor"),
          ParallelCtxError, r"all_to_all needs scatter_dim != gather_dim \(both are 0\).*Fix: pass two different"),
