@@ -19,10 +19,10 @@ PKG = "lightning_parallelctx"
 LAYERS = [
     (1, ("layout", "initializers", "launchers", "mode", "markers", "errors", "topology")),
     (2, ("process_groups", "rendezvous", "faults", "watchdog")),
-    (3, ("context", "current", "plan")),
+    (3, ("context", "current")),
     (4, ("distributed",)),
     (5, ("nn", "grad_sync", "random", "pipeline", "dtensor", "testing")),
-    (6, ("lightning", "__main__")),
+    (6, ("lightning", "plan", "__main__")),
 ]
 
 
