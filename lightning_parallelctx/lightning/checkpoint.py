@@ -119,6 +119,55 @@ def _state_kind(value: Any, param: torch.Tensor) -> Any:
     return ("object",)
 
 
+def _layer_order(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Each parameter's place in the full (pp=1) model's order: (global layer index, order within
+    the rank), the layer index read from the ``PipelineSequential`` holding it (its ``layer_names``
+    are the full model's, on every rank). Parameters outside any get layer -1."""
+    seqs = [(f"{n}." if n else "", m) for n, m in module.named_modules() if hasattr(m, "layer_names") and hasattr(m, "plan")]
+    order: dict[str, tuple[int, int]] = {}
+    for pos, (name, _) in enumerate(module.named_parameters()):
+        layer = -1
+        for prefix, seq in seqs:
+            if name.startswith(prefix):
+                rest = name[len(prefix):]
+                hits = [i for i, ln in enumerate(seq.layer_names) if rest.startswith(ln + ".")]
+                if hits:
+                    layer = max(hits, key=lambda i: len(seq.layer_names[i]))
+                    break
+        order[name] = (layer, pos)
+    return order
+
+
+def _manifest_of_every_stage(manifest: list[dict[str, Any]], module: torch.nn.Module,
+                             ctx: ParallelContext) -> list[dict[str, Any]]:
+    """With pipeline stages each rank's optimizer knows only its stages' parameters, while rank 0
+    writes the manifest for all: gather it over PIPELINE and merge, parameters in the full model's
+    order (a consolidated checkpoint numbers them for a pp=1 optimizer). Collective over PIPELINE."""
+    if ctx.get_world_size("pipeline") == 1:
+        return manifest
+    order = _layer_order(module)
+    gathered: list[Any] = [None] * ctx.get_world_size("pipeline")
+    dist.all_gather_object(gathered, (manifest, order), group=ctx.get_group("pipeline"))
+    merged = []
+    for i in range(max(len(m) for m, _ in gathered)):
+        parts = [(m[i], o) for m, o in gathered if i < len(m)]
+        keys: dict[str, tuple[int, int, int]] = {}
+        state: dict[str, Any] = {}
+        for stage, (m, o) in enumerate(parts):
+            for name, kinds in m["state"].items():
+                state.setdefault(name, kinds)  # a tied copy on two stages: one entry
+            for g in m["param_groups"]:
+                for name in g["params"]:
+                    layer, pos = o.get(name, (-1, 0))
+                    keys.setdefault(name, (layer, stage, pos))
+        groups = []
+        for gi, g in enumerate(parts[0][0]["param_groups"]):
+            names = {n for m, _ in parts if gi < len(m["param_groups"]) for n in m["param_groups"][gi]["params"]}
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": sorted(names, key=keys.__getitem__)})
+        merged.append({"param_groups": groups, "state": state})
+    return merged
+
+
 def build_state(checkpoint: Mapping[str, Any], module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer],
                 ctx: ParallelContext) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what DCP writes, what rank 0 writes to meta.pt) from this rank's Lightning checkpoint dict."""
@@ -136,6 +185,7 @@ def build_state(checkpoint: Mapping[str, Any], module: torch.nn.Module, optimize
         manifest.append({"param_groups": named["param_groups"],
                          "state": {n: {k: _state_kind(v, params[n]) for k, v in e.items()}
                                    for n, e in named["state"].items()}})
+    manifest = _manifest_of_every_stage(manifest, module, ctx)
     rng = io.BytesIO()
     torch.save(pctx_random.get_rng_state(), rng)
     rng.seek(0)
@@ -337,7 +387,8 @@ def _load_dcp(path: Path, module: torch.nn.Module, ctx: ParallelContext, weights
     meta["state_dict"] = {k: local_like(v, live[k]) for k, v in target["state_dict"].items()}
     if optimizers and manifest:
         meta["optimizer_states"] = [
-            named_to_optimizer({"state": target[f"optimizer_{i}"]["state"], "param_groups": m["param_groups"]}, opt, module)
+            named_to_optimizer({"state": target[f"optimizer_{i}"]["state"],
+                                "param_groups": _own_groups(m["param_groups"], module, ctx)}, opt, module)
             for i, (m, opt) in enumerate(zip(manifest, optimizers))]
     if same_layout:
         # Each rank's own streams; at another layout the per-rank streams have no counterpart. The
@@ -346,6 +397,16 @@ def _load_dcp(path: Path, module: torch.nn.Module, ctx: ParallelContext, weights
         target[rng_key].seek(0)
         meta[RNG_KEY] = torch.load(target[rng_key], weights_only=True)
     return meta
+
+
+def _own_groups(groups: Sequence[Mapping[str, Any]], module: torch.nn.Module,
+                ctx: ParallelContext) -> list[dict[str, Any]]:
+    """The saved param_groups cut to this rank's parameters when pipeline stages split the model
+    (each stage's optimizer holds its own); unchanged otherwise, so a mismatch stays an error."""
+    if ctx.get_world_size("pipeline") == 1:
+        return [dict(g) for g in groups]
+    own = dict(module.named_parameters())
+    return [{**g, "params": [n for n in g["params"] if n in own]} for g in groups]
 
 
 def _describe(err: BaseException) -> str:
@@ -362,8 +423,11 @@ def _optimizer_target(manifest: Mapping[str, Any], module: torch.nn.Module, ctx:
     params = dict(module.named_parameters())
     splits = splits_by_name(module)
     out: dict[str, Any] = {}
+    staged = ctx.get_world_size("pipeline") > 1
     for name, kinds in manifest["state"].items():
         if name not in params:
+            if staged:  # another pipeline stage's parameter: that rank loads it
+                continue
             raise CheckpointLayoutError(f"the checkpoint's optimizer has state for {name!r}, which this model lacks")
         entry = {}
         for key, kind in kinds.items():
