@@ -32,6 +32,8 @@ def _owned_grads(params: Iterable[torch.Tensor], ctx: ParallelContext) -> tuple[
             continue
         seen.add(id(p))
         every.append(p.grad)
+        if getattr(p, "_pctx_tied_copy", False):  # a pipeline stage's copy of a tied weight: counted once, on its owner
+            continue
         if (is_tensor_parallel(p) or first_tp) and (is_expert(p) or first_ep):
             owned.append(p.grad)
     return every, owned
