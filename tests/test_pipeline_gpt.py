@@ -2,7 +2,7 @@
 
 One 4-process world trains the GPT example (2 blocks = 6 pipeline layers) at tp2-pp2 (accumulation
 2 + clipping), pp2-sp2 (GPipe), pp2-ep2 (mixture of experts) and pp2-dp2 with the token embedding
-tied to the LM head across the first and last stage, for 20 steps each; one process
+tied to the LM head across the first and last stage, for 20 steps each, and 8 processes train tp2-pp2-dp2; one process
 trains the references. Every rank's loss, the full model's gradient norm at every step and the
 final full weights must match within 1e-5 (fp32).
 """
@@ -112,3 +112,20 @@ def test_gpt_layout_matches_single_process(layout: str, reference: dict, paralle
         assert max(float((full[k] - ref["final"][k]).abs().max()) for k in full) < TOL
     if clip:
         assert max(ref["norms"]) > 2 * clip
+
+
+def _eight(rank: int, world_size: int) -> dict[str, Any]:
+    from lightning_parallelctx import ParallelCtxStrategy
+
+    strategy = ParallelCtxStrategy(tensor_parallel_size=2, pipeline_parallel_size=2, print_layout=False)
+    return _fit(strategy, "dense", 2, CLIP, world_size)
+
+
+def test_tp2_pp2_dp2_on_eight_processes(reference: dict) -> None:
+    """Every mode of a 3-D layout at once: 2 tensor x 2 pipeline x 2 data, accumulation 2 + clipping."""
+    ref = reference[("dense", 2, CLIP)]
+    for r in spawn(_eight, 8, timeout=800):
+        assert max(abs(a - b) for a, b in zip(r["losses"], ref["losses"])) < TOL
+        assert len(r["norms"]) == STEPS and max(abs(a - b) / max(b, 1e-3) for a, b in zip(r["norms"], ref["norms"])) < TOL
+        assert abs(r["val"] - ref["val"]) < TOL
+        assert max(float((r["final"][k] - ref["final"][k]).abs().max()) for k in ref["final"]) < TOL
