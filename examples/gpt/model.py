@@ -130,9 +130,11 @@ class GPTLightning(pl.LightningModule):
 
     def __init__(self, vocab_size: int = 64, seq_len: int = 32, d_model: int = 32, n_heads: int = 4, n_layers: int = 2,
                  lr: float = 3e-3, optimizer: Literal["adamw", "sgd"] = "adamw", weight_decay: float = 0.0,
-                 init_seed: int = 0, num_experts: int = 0, moe_top_k: int = 1) -> None:
+                 init_seed: int = 0, num_experts: int = 0, moe_top_k: int = 1, tie_embeddings: bool = False) -> None:
         """``num_experts > 0``: every block's MLP is an :class:`ExpertParallelMoE` of that many experts
-        (top-``moe_top_k`` routing), split over the EXPERT group; 0 keeps the dense MLP."""
+        (top-``moe_top_k`` routing), split over the EXPERT group; 0 keeps the dense MLP.
+        ``tie_embeddings``: the LM head reuses the token embedding's weight (on the first and the last
+        pipeline stage when they differ: copies kept equal, gradients summed)."""
         super().__init__()
         self.save_hyperparameters()
 
@@ -157,7 +159,8 @@ class GPTLightning(pl.LightningModule):
             layer.load_state_dict(shard_state_dict(values, layer, ctx))
 
         # pp = 1: every layer here; pp > 1: this rank's stages only (n_layers blocks + 4 layers are split).
-        self.gpt = PipelineSequential(layers, stage_plan(self), init=init)
+        tied = [["tok.weight", "head.weight"]] if h.get("tie_embeddings", False) else []
+        self.gpt = PipelineSequential(layers, stage_plan(self), init=init, tied=tied)
         self.gpt.context = ctx
 
     def _slice(self, *tensors: torch.Tensor) -> tuple[int, list[torch.Tensor]]:

@@ -39,8 +39,7 @@ def init_layer(index: int, layer: nn.Module, seed: int = 0) -> None:
 class PipelinedMLP(pl.LightningModule):
     """``n_layers`` Dense layers (first d_in -> width, last width -> d_out), mean-squared error."""
 
-    def __init__(self, d_in: int = 8, width: int = 16, d_out: int = 4, n_layers: int = 8, lr: float = 0.01,
-                 tie: bool = False) -> None:
+    def __init__(self, d_in: int = 8, width: int = 16, d_out: int = 4, n_layers: int = 8, lr: float = 0.01) -> None:
         super().__init__()
         self.save_hyperparameters()
 

@@ -86,6 +86,8 @@ class PipelineRuntime:
     def setup_fit(self, trainer: Any) -> None:
         if self.active:
             trainer.fit_loop._skip_backward = True
+            for pipe in find_pipes(trainer.lightning_module):
+                pipe.sync_tied_weights()  # tied copies on the first and last stage start equal
 
     def teardown(self, trainer: Any) -> None:
         if self.active and trainer is not None:
@@ -104,6 +106,9 @@ class PipelineRuntime:
             assert self.plan is not None
             if self.plan.schedule.writes_weight_grads_directly:
                 _replay_accumulation(trainer.lightning_module)
+            if not trainer.fit_loop._should_accumulate():
+                for pipe in find_pipes(trainer.lightning_module):
+                    pipe.reduce_tied_grads()  # once per optimizer step: each stage saw its own use
         loss = output.get("loss") if isinstance(output, dict) else output
         if isinstance(loss, torch.Tensor):
             call._call_callback_hooks(trainer, "on_before_backward", loss)

@@ -38,6 +38,8 @@ def _owned_grads(params: Iterable[torch.Tensor], ctx: ParallelContext) -> tuple[
         seen.add(id(p))
         grad = _without_partial(p.grad)
         every.append(local(p.grad))
+        if getattr(p, "_pctx_tied_copy", False):  # a pipeline stage's copy of a tied weight: counted once, on its owner
+            continue
         if counts_in_norm(p, ctx, name=f"parameter #{i} {tuple(p.shape)}", grad=grad):
             owned.append(local(grad))
     return every, owned

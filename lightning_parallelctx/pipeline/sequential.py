@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .placement import Placement, last_stage_rank, layer_ranges, stages_of_rank
+from .placement import Placement, last_stage_rank, layer_ranges, stage_rank, stages_of_rank
 from .schedule import LossFn, NonPipelineSchedule, Schedule
 
 if TYPE_CHECKING:
@@ -126,6 +126,31 @@ def _materialize(layer: nn.Module, device: torch.device) -> nn.Module:
     return layer
 
 
+def _layer_of(name: str, names: list[str]) -> int:
+    for i, layer in enumerate(names):
+        if name.startswith(layer + "."):
+            return i
+    raise ValueError(f"tied parameter {name!r} is in none of the declared layers {names}")
+
+
+def _stage_of(layer: int, ranges: list[tuple[int, int]]) -> int:
+    return next(s for s, (a, b) in enumerate(ranges) if a <= layer < b)
+
+
+def _param_spec(full: list[nn.Module], names: list[str], name: str) -> tuple[torch.Size, torch.dtype, int]:
+    i = _layer_of(name, names)
+    p = full[i].get_parameter(name[len(names[i]) + 1:])
+    return p.shape, p.dtype, i
+
+
+def _has_param(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
+
+
 class _Container(nn.ModuleDict):
     """A parent of dotted layer names; ``blocks[0]`` works like a ModuleList's (on the ranks holding it)."""
 
@@ -149,7 +174,8 @@ class PipelineSequential(nn.Module):
     """
 
     def __init__(self, layers: Sequence[nn.Module] | Mapping[str, nn.Module], plan: StagePlan | None = None,
-                 init: Callable[[int, nn.Module], None] | None = None, device: torch.device | str | None = None) -> None:
+                 init: Callable[[int, nn.Module], None] | None = None, device: torch.device | str | None = None,
+                 tied: Sequence[Sequence[str]] = ()) -> None:
         super().__init__()
         if isinstance(layers, Mapping):
             names, full = list(layers.keys()), list(layers.values())
@@ -181,12 +207,68 @@ class PipelineSequential(nn.Module):
                         init(i, layer)
                 self._register_at(names[i], layer)
                 local.append((i, layer))
+        tied_specs = {n: _param_spec(full, names, n) for g in tied for n in g}
         del full  # other stages' (meta) layers are dropped here
         self._local_indices = [i for i, _ in local]
         # Stage wrappers share the layers but are not registered: names stay the declared ones.
         by_index = dict(local)
         object.__setattr__(self, "_stages", [(s, _Stage([by_index[i] for i in range(*ranges[s])])) for s in plan.stages])
         object.__setattr__(self, "_chain", [m for _, m in local])
+        self._tie(tied, names, tied_specs, ranges)
+
+    def _tie(self, tied: Sequence[Sequence[str]], names: list[str], specs: dict[str, tuple], ranges: list) -> None:
+        """Tied parameters (e.g. ``[["tok.weight", "head.weight"]]``): one Parameter where the names
+        are on the same rank; on different ranks copies, kept equal by :meth:`sync_tied_weights`
+        (values) and :meth:`reduce_tied_grads` (gradients summed). Both talk over the PIPELINE group,
+        which every pipeline rank joins (ranks without a copy send zeros): no extra process group,
+        whose creation on some ranks only would desynchronise later group names (TRAPS.md #18)."""
+        self.tied = [list(g) for g in tied]
+        self._tied: list[tuple[torch.Size, torch.dtype, nn.Parameter | None, int, bool]] = []
+        plan = self.plan
+        for group in self.tied:
+            if len(group) < 2:
+                raise ValueError(f"tied={tied!r}: each group needs at least two parameter names")
+            local = [n for n in group if _has_param(self, n)]
+            first = self.get_parameter(local[0]) if local else None
+            for n in local[1:]:
+                owner, _, attr = n.rpartition(".")
+                setattr(self.get_submodule(owner), attr, first)
+            if first is not None and local[0] != group[0]:
+                # The copy of a rank without the group's first name: clipping counts the parameter once.
+                first._pctx_tied_copy = True  # type: ignore[attr-defined]
+            holders = {stage_rank(_stage_of(_layer_of(n, names), ranges), plan.pp, plan.num_stages, plan.placement)
+                       for n in group}
+            shape, dtype, first_layer = specs[group[0]]
+            src = stage_rank(_stage_of(first_layer, ranges), plan.pp, plan.num_stages, plan.placement)
+            self._tied.append((shape, dtype, first, src, len(holders) > 1))
+
+    @property
+    def tied_parameters(self) -> list[nn.Parameter]:
+        """This rank's copies of tied parameters (one per group it holds)."""
+        return [t[2] for t in self._tied if t[2] is not None]
+
+    @torch.no_grad()
+    def sync_tied_weights(self) -> None:
+        """Copy the first name's values to the other ranks' copies (collective over PIPELINE)."""
+        import torch.distributed as dist
+
+        for shape, dtype, p, src, spread in self._tied:
+            if spread:
+                buf = p.data if p is not None else torch.empty(shape, dtype=dtype, device=self.device)
+                dist.broadcast(buf, src=self.plan.group_ranks[src], group=self.plan.group)
+
+    @torch.no_grad()
+    def reduce_tied_grads(self) -> None:
+        """Sum the copies' gradients (each stage saw only its own use of the parameter)."""
+        import torch.distributed as dist
+
+        for shape, dtype, p, _, spread in self._tied:
+            if not spread:
+                continue
+            if p is not None and p.grad is None:
+                p.grad = torch.zeros_like(p)
+            buf = p.grad if p is not None else torch.zeros(shape, dtype=dtype, device=self.device)
+            dist.all_reduce(buf, group=self.plan.group)
 
     def _register_at(self, path: str, layer: nn.Module) -> None:
         """``"blocks.3"`` -> ``self.blocks["3"]``: state-dict names are the declared dotted paths."""
