@@ -18,9 +18,11 @@ GIL) over its own connection: nothing is polled and the happy path pays one stor
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
+import weakref
 from datetime import timedelta
 from typing import Any
 
@@ -32,6 +34,11 @@ from .faults import STORE_OP_TIMEOUT_S, TAG, wake_key
 DEFAULT_GRACE_S = 10.0
 _WAIT_CHUNK = timedelta(seconds=600)
 _STOP = "stop"
+#: Watchdogs whose thread may still run. Each is stopped and joined before the interpreter shuts
+#: down: a daemon thread still inside the store's C++ call when Python finalizes is ended with
+#: pthread_exit, whose unwinding through C++ aborts the process ("terminate called without an
+#: active exception", exit code -6) after a fit that succeeded.
+_RUNNING: "weakref.WeakSet[Watchdog]" = weakref.WeakSet()
 
 
 class Watchdog:
@@ -55,17 +62,19 @@ class Watchdog:
     def start(self) -> "Watchdog":
         self._thread = threading.Thread(target=self._run, name=f"pctx-watchdog-rank{self.rank}", daemon=True)
         self._thread.start()
+        _RUNNING.add(self)
         return self
 
-    def stop(self) -> None:
-        """Disarm, and wake the thread so that it ends (best effort: the store may be gone)."""
-        if self._disarmed.is_set():
-            return
-        self._disarmed.set()
-        try:
-            self._store(STORE_OP_TIMEOUT_S).set(wake_key(self.rank), _STOP)
-        except Exception:  # noqa: BLE001 - store gone: the thread's wait fails and it ends by itself
-            pass
+    def stop(self, join_s: float = STORE_OP_TIMEOUT_S) -> None:
+        """Disarm, wake the thread and wait (up to ``join_s``) for it to end (see ``_RUNNING``)."""
+        if not self._disarmed.is_set():
+            self._disarmed.set()
+            try:
+                self._store(STORE_OP_TIMEOUT_S).set(wake_key(self.rank), _STOP)
+            except Exception:  # noqa: BLE001 - store gone: the thread's wait fails and it ends by itself
+                pass
+        self.join(join_s)
+        _RUNNING.discard(self)
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
@@ -104,3 +113,9 @@ class Watchdog:
                          f"the fit {self.grace_s:.0f} s later (hung?); the watchdog ends it (exit code 1).\n")
         sys.stderr.flush()
         self._exit(1)
+
+
+@atexit.register
+def _stop_all() -> None:
+    for dog in list(_RUNNING):
+        dog.stop()

@@ -33,7 +33,7 @@ def _cases(tmp: Path, multi: bool) -> list[tuple[str, Callable[[], Any], type, s
     import torch
 
     from lightning_parallelctx import ParallelContext
-    from lightning_parallelctx.distributed import all_to_all, gather, scatter
+    from lightning_parallelctx.distributed import all_to_all, current_context, gather, scatter
     from lightning_parallelctx.errors import LauncherError, ModeNotFoundError, ParallelConfigError, ParallelCtxError
     from lightning_parallelctx.errors import RendezvousError
     from lightning_parallelctx.initializers import resolve_initializer
@@ -83,6 +83,8 @@ def _cases(tmp: Path, multi: bool) -> list[tuple[str, Callable[[], Any], type, s
         ("context unknown option", lambda: ParallelContext.from_torch(tensor_parallel_size=1, timout=5), ParallelConfigError,
          r"unknown option\(s\) \['timout'\]; options are \[.*'timeout'"),
         ("mode unknown name", lambda: resolve_initializer("nope"), Exception, r"'nope'"),
+        ("mode not in this context", lambda: current_context().get_group("nope"), ModeNotFoundError,
+         r"mode 'nope' does not exist in this context; it has .*Fix: use one of those"),
         ("mode bad class_path", lambda: resolve_initializer({"class_path": "no.such.Init"}), Exception, r"no\.such\.Init"),
         # ---------------------------------------------------------------- YAML mapping
         ("yaml unknown key", lambda: ParallelContext.from_config({"tp": 1, "tensr": 2}), ParallelConfigError,

@@ -322,7 +322,7 @@ class ParallelCtxStrategy(ParallelStrategy):
             # torchrun/srun/mpirun started us: no launcher (it would start copies), but check what
             # they started, which Lightning never does without a launcher (LAUNCHERS.md).
             env.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-            die_with_launcher()  # a child of our own launcher must not outlive it
+            die_with_launcher()  # a child of our launcher or of torchrun's agent must not outlive it
         else:
             # Without a launcher `devices=N` silently runs one process (TRAPS.md #1).
             self._launcher = ParallelCtxLauncher(env, self.num_processes, self.num_nodes)
