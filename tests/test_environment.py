@@ -211,15 +211,14 @@ def test_strategy_arguments_are_checked_at_once(kwargs: dict, message: str) -> N
 
 
 @pytest.mark.parametrize("pp", [2, 4])
-def test_pipeline_parallel_is_refused_until_there_is_a_schedule(pp: int) -> None:
-    # Without a schedule every pipeline rank would train the whole model (and clip by a sqrt(pp) too
-    # large norm, and checkpoint pp identical shards): refuse, naming the value, the rule and the fix.
-    with pytest.raises(ParallelConfigError, match=(
-            rf"no pipeline schedule yet: with pipeline_parallel_size={pp} every stage would train the whole model "
-            r"\(pipeline_parallel_size must be 1\)\. Use pipeline_parallel_size=1; ParallelContext still builds "
-            r"pipeline groups")):
-        ParallelCtxStrategy(tensor_parallel_size=2, pipeline_parallel_size=pp)
-    ParallelCtxStrategy(pipeline_parallel_size=1)
+def test_pipeline_parallel_is_accepted_and_its_arguments_checked_at_once(pp: int) -> None:
+    # pp > 1 trains with a schedule (tests/test_pipeline.py proves the numbers); its arguments are
+    # checked at construction, naming the value, the rule and the fix.
+    ParallelCtxStrategy(tensor_parallel_size=2, pipeline_parallel_size=pp, pipeline_schedule="gpipe")
+    with pytest.raises(ParallelConfigError, match=r"pipeline_schedule='nope' is not a registered schedule"):
+        ParallelCtxStrategy(pipeline_parallel_size=pp, pipeline_schedule="nope")
+    with pytest.raises(ParallelConfigError, match=rf"num_microbatches=-{pp} must be an int >= 1"):
+        ParallelCtxStrategy(pipeline_parallel_size=pp, num_microbatches=-pp)
 
 
 def test_save_checkpoint_refuses_storage_options_saying_what_to_do(tmp_path) -> None:
