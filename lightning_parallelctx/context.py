@@ -249,7 +249,7 @@ class ParallelContext:
         context. Call it on one rank."""
         from rich.console import Console
 
-        from .plan import render
+        from .tables import render
 
         render(self.layout, [state.groups for state in self._modes.values()], console or Console(),
                max_groups=max_groups, max_ranks=16)
