@@ -158,6 +158,13 @@ def _parallel(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
                 rec["ckpt_files"] = sorted(p.name for p in Path(f"{tmp}/ckpt/step=10.ckpt").iterdir())
                 rec["consolidated10"] = torch.load(f"{tmp}/full10.ckpt", weights_only=False)["state_dict"]
             dist.barrier()
+            # The consolidated (single-file) checkpoint loads back into the pp2 stages.
+            from examples.pipeline.model import PipelinedMLP
+
+            m3 = PipelinedMLP()
+            _trainer(ParallelCtxStrategy(**sizes, print_layout=False), devices=world_size).validate(
+                m3, _loader(replicas, 32), ckpt_path=f"{tmp}/full10.ckpt", verbose=False)
+            rec["reloaded10"] = gather_full_state_dict(m3, m3.parallel_context)
         res[name] = rec
     return res
 
@@ -223,6 +230,7 @@ def test_resume_validate_predict_and_consolidate(reference: dict, parallel: list
     # One file per stage; consolidated, the step-10 checkpoint is the single-process model at step 10.
     assert runs[0]["ckpt_files"] == ["meta.pt", "shard-tp00-pp00-ep00.pt", "shard-tp00-pp01-ep00.pt"]
     assert _max_diff(runs[0]["consolidated10"], ref["state10"]) < TOL
+    assert all(_max_diff(r["reloaded10"], ref["state10"]) < TOL for r in runs)
 
 
 # ------------------------------------------------------------------------------ no processes
