@@ -320,3 +320,19 @@ def test_planner_timeline_and_bubble(tmp_path: Path) -> None:
     out = tmp_path / "t.svg"
     assert plan_main(["-n", "8", "--pp", "4", "--schedule", "1f1b", "--microbatches", "8", "--svg", str(out)]) == 0
     assert out.read_text().count("<rect") > 4 * 22
+
+
+def test_loss_scaler_is_refused_with_stages() -> None:
+    """16-mixed on GPU scales the loss in Lightning's backward, which the schedule replaces: refused
+    (on CPU Lightning's 16-mixed has no scaler, and nothing needs refusing)."""
+    from types import SimpleNamespace
+
+    from examples.pipeline.model import PipelinedMLP
+    from lightning_parallelctx.lightning._pipeline import PipelineRuntime
+
+    model = PipelinedMLP()
+    model.configure_model()
+    runtime = PipelineRuntime(resolve_pipeline_config(2, "1f1b", None, None))
+    with pytest.raises(ParallelConfigError, match="gradient scaler"):
+        runtime.check_module(model, True, SimpleNamespace(scaler=object()))
+    runtime.check_module(model, True, SimpleNamespace(scaler=None))

@@ -311,7 +311,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         fitting = trainer.state.fn == TrainerFn.FITTING
-        self._pipeline.check_module(self.lightning_module, fitting)
+        self._pipeline.check_module(self.lightning_module, fitting, self.precision_plugin)
         if fitting:
             self._pipeline.setup_fit(trainer)
             if self._sync_initial_weights:
