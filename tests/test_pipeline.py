@@ -158,6 +158,13 @@ def _parallel(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
                 rec["ckpt_files"] = sorted(p.name for p in Path(f"{tmp}/ckpt/step=10.ckpt").iterdir())
                 rec["consolidated10"] = torch.load(f"{tmp}/full10.ckpt", weights_only=False)["state_dict"]
             dist.barrier()
+            # The consolidated (single-file) checkpoint loads back into the pp2 stages.
+            from examples.pipeline.model import PipelinedMLP
+
+            m3 = PipelinedMLP()
+            _trainer(ParallelCtxStrategy(**sizes, print_layout=False), devices=world_size).validate(
+                m3, _loader(replicas, 32), ckpt_path=f"{tmp}/full10.ckpt", verbose=False)
+            rec["reloaded10"] = gather_full_state_dict(m3, m3.parallel_context)
         res[name] = rec
     return res
 
@@ -226,6 +233,7 @@ def test_resume_validate_predict_and_consolidate(reference: dict, parallel: list
     assert {".metadata", "meta.pt", "COMPLETE"} <= set(files), files
     assert sum(f.endswith(".distcp") for f in files) == len(runs), files
     assert _max_diff(runs[0]["consolidated10"], ref["state10"]) < TOL
+    assert all(_max_diff(r["reloaded10"], ref["state10"]) < TOL for r in runs)
 
 
 # ------------------------------------------------------------------------------ no processes
@@ -315,3 +323,19 @@ def test_planner_timeline_and_bubble(tmp_path: Path) -> None:
     out = tmp_path / "t.svg"
     assert plan_main(["-n", "8", "--pp", "4", "--schedule", "1f1b", "--microbatches", "8", "--svg", str(out)]) == 0
     assert out.read_text().count("<rect") > 4 * 22
+
+
+def test_loss_scaler_is_refused_with_stages() -> None:
+    """16-mixed on GPU scales the loss in Lightning's backward, which the schedule replaces: refused
+    (on CPU Lightning's 16-mixed has no scaler, and nothing needs refusing)."""
+    from types import SimpleNamespace
+
+    from examples.pipeline.model import PipelinedMLP
+    from lightning_parallelctx.lightning._pipeline import PipelineRuntime
+
+    model = PipelinedMLP()
+    model.configure_model()
+    runtime = PipelineRuntime(resolve_pipeline_config(2, "1f1b", None, None))
+    with pytest.raises(ParallelConfigError, match="gradient scaler"):
+        runtime.check_module(model, True, SimpleNamespace(scaler=object()))
+    runtime.check_module(model, True, SimpleNamespace(scaler=None))

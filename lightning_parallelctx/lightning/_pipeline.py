@@ -64,10 +64,19 @@ class PipelineRuntime:
             self._ctx = ctx
         return self.plan
 
-    def check_module(self, module: Any, fitting: bool) -> None:
-        """pp > 1 needs the model declared as stages, and automatic optimization (checked on every rank)."""
+    def check_module(self, module: Any, fitting: bool, precision: Any = None) -> None:
+        """pp > 1 needs the model declared as stages, automatic optimization and no loss scaler
+        (checked on every rank, before any process talks)."""
         if not self.active:
             return
+        if fitting and getattr(precision, "scaler", None) is not None:
+            # The scaler multiplies the loss in Lightning's backward, which the schedule replaces:
+            # the optimizer step would then unscale gradients that were never scaled.
+            raise ParallelConfigError(
+                f"precision with a gradient scaler ({type(precision).__name__}, e.g. '16-mixed') cannot run under a "
+                f"pipeline schedule (pipeline_parallel_size={self.config.size}): the schedule runs backward without "
+                f"the scaler. Fix: precision='bf16-mixed' or '32-true', or pipeline_parallel_size=1"
+            )
         pipes = find_pipes(module)
         if not pipes:
             raise ParallelConfigError(

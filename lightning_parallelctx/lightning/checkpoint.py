@@ -506,7 +506,12 @@ def shard_state_dict(full: Mapping[str, torch.Tensor], module: torch.nn.Module,
         shard_state_dict as _cut,  # the layers' own rules (tensor and expert splits)
     )
 
-    return _cut(full, module, ctx)
+    out = _cut(full, module, ctx)
+    if ctx.get_world_size("pipeline") > 1:
+        # Pipeline stages hold disjoint names: the entries of other stages' layers are not loaded here.
+        mine = set(module.state_dict())
+        out = {k: v for k, v in out.items() if k in mine}
+    return out
 
 
 # ---------------------------------------------------------------------------------- consolidate

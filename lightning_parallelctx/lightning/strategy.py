@@ -382,7 +382,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         if fitting:
             if self._layer_sync is not None:  # Trainer(sync_batchnorm=True): over the data ranks, on CPU too
                 self.model = convert_sync_batchnorm(self.model, ctx.get_group(DEFAULT_REDUCTION_MODE), self.root_device)
-        self._pipeline.check_module(self.lightning_module, fitting)
+        self._pipeline.check_module(self.lightning_module, fitting, self.precision_plugin)
         if fitting:
             self._pipeline.setup_fit(trainer)
             if self._sync_initial_weights:
