@@ -1,4 +1,4 @@
-"""What every benchmark here does before measuring (BENCHMARKING.md): glibc malloc settings that
+"""What every benchmark here does before measuring (docs/benchmarking.md): glibc malloc settings that
 stop large buffers from page-faulting on every step, and one core per rank."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Checkpoint save/load time and bytes of the GPT example at tp2-dp2 (4 processes, gloo, CPU).
 
-Variants, interleaved round-robin, medians of the max over ranks (BENCHMARKING.md):
+Variants, interleaved round-robin, medians of the max over ranks (docs/benchmarking.md):
 
 - ``dcp``: torch.distributed.checkpoint used directly (``dcp.save`` / ``dcp.load``) on the same
   state the library writes (model and AdamW moments as DTensors): the floor.

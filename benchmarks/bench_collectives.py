@@ -15,7 +15,7 @@ Ours and the peer are checked to give the same output and input gradient before 
 a rank cannot know the other pieces' sizes, so they are exchanged first (one small all-gather);
 pass ``sizes=`` (the layers do) and it is the same single call as the peer.
 
-Method (BENCHMARKING.md): variants interleaved round-robin with a rotating start, each rank
+Method (docs/benchmarking.md): variants interleaved round-robin with a rotating start, each rank
 pinned to its own core, one torch thread, glibc MALLOC_* thresholds set, a call's time is the max
 over ranks; small messages are timed in bursts (a barrier's jitter would swamp one call). Ratios:
 "median" = ratio of the medians, "paired" = median of the per-round ratios (robust to drift),

@@ -6,7 +6,7 @@ hidden 4 d), each with a residual. The whole forward compiles to one graph (``fu
 tests/test_compile.py checks outputs and gradients). Both variants are checked to give the same
 output (within fp32 round-off: inductor fuses) before timing; compile time is reported apart.
 One step = zero_grad(set_to_none=True) + forward + backward of ``(block(x) * g).sum()``.
-Method (BENCHMARKING.md): interleaved round-robin, ranks pinned to cores, one torch thread,
+Method (docs/benchmarking.md): interleaved round-robin, ranks pinned to cores, one torch thread,
 glibc MALLOC_* thresholds, step = max over ranks; ratio of medians and median of per-round ratios.
 
     python benchmarks/bench_compile.py [--rounds 30] [--d-model 256] [--tokens 64] [--backend inductor]

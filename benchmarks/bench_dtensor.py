@@ -19,7 +19,7 @@ library's sharding and meta-device init save in memory per rank.
 
     python benchmarks/bench_dtensor.py [--part dtensor,gpt,fsdp,init] [--steps 12] [--rounds 2]
 
-Machines here are small and shared: read ratios, not absolute times (BENCHMARKING.md).
+Machines here are small and shared: read ratios, not absolute times (docs/benchmarking.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pipeline schedules on 2 stages / 2 processes / 8 micro-batches (BENCHMARKING.md).
+"""Pipeline schedules on 2 stages / 2 processes / 8 micro-batches (docs/benchmarking.md).
 
 Model: 8 x (Linear(1024, 1024) + tanh), 4 layers per stage, batch 256 (micro-batches of 32 rows),
 MSE loss, gloo, one thread and one core per process: compute dominates the 128 KB activations sent

@@ -7,7 +7,7 @@ same output before timing. One step = zero_grad(set_to_none=True) + forward + ba
 ``--unread-output``, ``block(x).backward(g)`` instead, which lets DTensor's asynchronous forward
 all-reduce overlap the whole backward pass, something no real model allows). Variants run
 interleaved round-robin (rotating which goes first), each rank's main thread pinned to its own
-core, one torch thread, glibc MALLOC_* thresholds set (BENCHMARKING.md); a step's time is the max
+core, one torch thread, glibc MALLOC_* thresholds set (docs/benchmarking.md); a step's time is the max
 over ranks; ratios of the medians and medians of the per-round ratios ("paired").
 
     python benchmarks/bench_tensor_parallel.py [--rounds 30] [--warmup 5] [--d-model 512] [--tokens 512]

@@ -1,4 +1,4 @@
-"""Data-parallel gradient sync: the library's bucketed hook against torch DDP (BENCHMARKING.md).
+"""Data-parallel gradient sync: the library's bucketed hook against torch DDP (docs/benchmarking.md).
 
 2 processes, gloo, a 25.2M-parameter MLP (6 x Linear(2048, 2048)), batch 64 per rank.
 One step = zero_grad(set_to_none=True) + forward + backward + gradient sync. The variants run

@@ -6,7 +6,7 @@
 
 Each benchmark runs as its own process with ``--json`` (so each keeps its own method: interleaved
 rounds, pinned cores, malloc settings, ratios against its peer measured in the same run, see
-BENCHMARKING.md in the project notes) and this script only formats what they report. The tables
+docs/benchmarking.md) and this script only formats what they report. The tables
 go between the ``<!-- benchmarks:begin -->`` / ``<!-- benchmarks:end -->`` markers of README.md,
 headed by the machine (CPU, cores, load average before and after), the date and the versions,
 because timings only mean something next to where and when they were taken.

@@ -1,4 +1,4 @@
-"""DTensor and FSDP2 parameters: who holds what, in the context's terms (TRAPS.md #26, #27).
+"""DTensor and FSDP2 parameters: who holds what, in the context's terms (docs/traps.md #26, #27).
 
 A DTensor says how it is laid out over the mesh it lives on (Shard / Replicate / Partial per mesh
 dim), but not what it is over the rest of the world: a tensor-parallel DTensor on the TENSOR mesh
@@ -14,7 +14,7 @@ layout, without any collective:
   norm, so that every piece of the full model is counted exactly once over the whole world.
 
 Every answer depends only on metadata that is the same on every rank of a parameter's groups, so
-all ranks take the same path and issue the same collectives (the hang of TRAPS.md #27 came from
+all ranks take the same path and issue the same collectives (the hang of docs/traps.md #27 came from
 ranks taking different paths).
 """
 
@@ -239,7 +239,7 @@ def counts_in_norm(p: torch.Tensor, ctx: ParallelContext, name: str = "", grad: 
 def split_params(module: torch.nn.Module | Iterable[tuple[str, torch.Tensor]], ctx: ParallelContext | None
                  ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
     """(plain parameters, DTensor parameters replicated over the data ranks) of what a gradient
-    handler is given; FSDP2-managed ones are left out (FSDP2 reduces them, TRAPS.md #26). Only a
+    handler is given; FSDP2-managed ones are left out (FSDP2 reduces them, docs/traps.md #26). Only a
     whole module shows which parameters FSDP2 manages: in a parameter list they are an error."""
     is_module = isinstance(module, torch.nn.Module)
     named = list(module.named_parameters()) if is_module else list(module)

@@ -1,7 +1,7 @@
 """What each launcher tells a process about its place in the job, read from environment variables.
 
 Pure functions of an environment mapping: no mpi4py, no sockets. Every missing variable is an error
-naming the variable and the launcher that should have set it (see docs/LAUNCHERS.md).
+naming the variable and the launcher that should have set it (see docs/launchers.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Marks on parameters that say who holds what (CONTRACT.md, "Who holds what").
+"""Marks on parameters that say who holds what (README, "Who holds what").
 
 Layers set them; the gradient hook, gradient clipping, checkpointing and the full <-> sharded
 state-dict conversion read them. Plain attributes on the Parameter, so they survive ``.to()``,

@@ -22,7 +22,7 @@ class ParallelMode(str, Enum):
     EXPERT = "expert"
     DATA = "data"
     PIPELINE = "pipeline"
-    # Composite modes (see CONTRACT.md, "Who holds what").
+    # Composite modes (see README, "Who holds what").
     DENSE_REPLICA = "dense_replica"  # DATA x SEQUENCE x EXPERT: dense gradients are averaged here
     EXPERT_REPLICA = "expert_replica"  # DATA x SEQUENCE: expert gradients are averaged here
     DATA_SHARD = "data_shard"  # DATA x EXPERT: ranks that read distinct batches

@@ -3,7 +3,7 @@
 Every rank walks the modes in one fixed order and calls ``new_group(..., use_local_synchronization=
 True)`` only for the group it belongs to, so a rank makes a constant number of calls whatever the
 world size (Megatron-core and OSLO make every rank create every group: O(world) calls). The
-deadlock TRAPS.md #15 warns about cannot happen: every member of a group reaches it after
+deadlock docs/traps.md #15 warns about cannot happen: every member of a group reaches it after
 finishing the same earlier modes, whose groups it also belongs to.
 """
 
@@ -23,7 +23,7 @@ def _group_namespace(prefix: str) -> Iterator[None]:
 
     torch names such a group by a hash of its ranks alone, and its rendezvous keys live under that
     name in the default store. After destroy(), a rebuilt group of the same ranks would meet the
-    previous build's stale keys and hang (TRAPS.md #18); a per-build prefix keeps them apart.
+    previous build's stale keys and hang (docs/traps.md #18); a per-build prefix keeps them apart.
     """
     original = getattr(c10d, "_process_group_name", None)
     if original is None:  # a torch without the hook: names are then torch's own

@@ -182,7 +182,7 @@ def _plain_trainer_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     consolidate_to_file(f"{tmp}/ck16/step=16.ckpt", f"{tmp}/model16.pt", model_only=True)
     full = torch.load(f"{tmp}/full16.ckpt", weights_only=False)
     data = BigramText(DATA["vocab_size"], DATA["seq_len"], DATA["num_samples"])
-    # The permutation Lightning's DistributedSampler gave the parallel run (TRAPS.md #17): its seed
+    # The permutation Lightning's DistributedSampler gave the parallel run (docs/traps.md #17): its seed
     # is PL_GLOBAL_SEED, which seed_everything(1234) set.
     sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=1234)
     loader = DataLoader(data, batch_size=8, sampler=sampler)

@@ -115,7 +115,7 @@ def _all_cases(ctx: ParallelContext, mode: str, failures: list[str]) -> int:
                              lambda xs: [torch.cat(xs, nd)] * n, pieces, False, False, s, failures)
             checks += _check(ctx, mode, f"reduce_scatter {tag}", lambda x: D.reduce_scatter(x, dim, mode),
                              lambda xs: list(sum(xs).tensor_split(n, nd)), distinct_full, False, False, s, failures)
-    # TRAPS.md #12: funcol's all_gather_single mishandles a local dim 0 of size 1 with gather_dim != 0.
+    # docs/traps.md #12: funcol's all_gather_single mishandles a local dim 0 of size 1 with gather_dim != 0.
     for dim in (1, -1):
         s = next(seed)
         gen = torch.Generator().manual_seed(s)
@@ -166,7 +166,7 @@ def _all_cases(ctx: ParallelContext, mode: str, failures: list[str]) -> int:
 
 
 def _worker(rank: int, world_size: int, sizes: dict) -> dict:
-    warnings.simplefilter("error")  # TRAPS #13: the collectives must not warn on torch 2.13
+    warnings.simplefilter("error")  # docs/traps.md #13: the collectives must not warn on torch 2.13
     ctx = ParallelContext.from_torch(**sizes)
     D.set_current_context(ctx)
     failures: list[str] = []

@@ -260,7 +260,7 @@ def _bad_inputs(ctx: Any) -> dict[str, str]:
 
 
 def _mixed_clipping(ctx: Any) -> dict[str, Any]:
-    """Gradient norm and clipping over one parameter list mixing every kind (TRAPS.md #27): a
+    """Gradient norm and clipping over one parameter list mixing every kind (docs/traps.md #27): a
     TENSOR-sharded DTensor, a TENSOR-replicated DTensor, an FSDP-style DTensor sharded over the
     data ranks, a 2-D (data, tensor) DTensor, a library-marked column shard and a plain replica.
     torch's clip_grad_norm_ cannot take this list (mixed meshes); ours must give the full model's

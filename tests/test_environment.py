@@ -1,7 +1,7 @@
 """ParallelCtxEnvironment and the strategy's constructor: pure, no processes started.
 
-Every launcher is simulated by its environment variables (docs/LAUNCHERS.md); the trap cases of
-TRAPS.md #10 (interactive Slurm job names, mpirun without mpi4py, tasks vs devices) must end in a
+Every launcher is simulated by its environment variables (docs/launchers.md); the trap cases of
+docs/traps.md #10 (interactive Slurm job names, mpirun without mpi4py, tasks vs devices) must end in a
 clear error, or, for MPI, in a correct world instead of N copies.
 """
 
@@ -260,8 +260,8 @@ def test_registered_once_and_usable_by_name(clean_env: pytest.MonkeyPatch) -> No
     assert lightning_parallelctx.ParallelCtxStrategy is ParallelCtxStrategy
     trainer = pl.Trainer(strategy="parallelctx", accelerator="cpu", devices=2, logger=False)
     assert type(trainer.strategy).__name__ == "ParallelCtxStrategy"
-    assert trainer.strategy.launcher is not None  # TRAPS.md #1: devices=2 must start 2 processes
-    assert trainer._accelerator_connector.is_distributed  # TRAPS.md #2
+    assert trainer.strategy.launcher is not None  # docs/traps.md #1: devices=2 must start 2 processes
+    assert trainer._accelerator_connector.is_distributed  # docs/traps.md #2
 
 
 def test_trainer_construction_fails_fast_on_mismatches(clean_env: pytest.MonkeyPatch) -> None:
@@ -273,5 +273,5 @@ def test_trainer_construction_fails_fast_on_mismatches(clean_env: pytest.MonkeyP
     with pytest.raises(LaunchMismatchError, match=r"torchrun started 2 process\(es\).*devices=4"):
         pl.Trainer(strategy=ParallelCtxStrategy(), accelerator="cpu", devices=4, logger=False)
     trainer = pl.Trainer(strategy=ParallelCtxStrategy(), accelerator="cpu", devices=2, logger=False)
-    assert trainer.strategy.launcher is None  # TRAPS.md #1's other half: never a launcher under torchrun
+    assert trainer.strategy.launcher is None  # docs/traps.md #1's other half: never a launcher under torchrun
     assert (trainer.global_rank, trainer.world_size) == (0, 2)

@@ -364,7 +364,7 @@ def _reduce_dtype(rank: int, ctx: ParallelContext) -> tuple[list[str], int]:
 
 
 def _views(rank: int, ctx: ParallelContext) -> tuple[list[str], int]:
-    """TRAPS.md #16: after zero_grad(set_to_none=True) the next backward's gradients end up in the
+    """docs/traps.md #16: after zero_grad(set_to_none=True) the next backward's gradients end up in the
     buckets again; with set_to_none=False the backward accumulates straight into the views."""
     errors, n = [], 0
     model = _build("mlp")

@@ -4,7 +4,7 @@ Strategy-launched (plain `python -m lightning_parallelctx fit --config ...`, whi
 LightningCLI + YAML path), torchrun, Open MPI's mpirun (no mpi4py installed) and sbatch + srun on
 the local Slurm cluster of scripts/local_cluster.sh. All must train the same model the same way:
 the same final loss to the printed digit, from one world of 4 processes (never N copies).
-The trap cases (TRAPS.md #10) run for real too and must end in the clear error.
+The trap cases (docs/traps.md #10) run for real too and must end in the clear error.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One 4-process world trains the pipelined MLP of examples/pipeline (8 layers) wit
 and layouts for 20 steps each, resumes one from its step-10 checkpoint, validates and predicts;
 one single-process world trains the reference. Losses (on every rank), gradient norms (before
 clipping) and final weights must agree within 1e-5 in fp32. Data: Lightning's DistributedSampler
-(shuffle, seed 0) in both, over the data-shard ranks only (TRAPS.md #17): a global batch of 8.
+(shuffle, seed 0) in both, over the data-shard ranks only (docs/traps.md #17): a global batch of 8.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ LAYOUTS: dict[str, tuple[dict[str, Any], int, float | None]] = {
     "pp2-dp2-1f1b-acc2-clip": ({"pipeline_parallel_size": 2}, 2, CLIP),
     "pp2-dp2-interleaved-v2": ({"pipeline_parallel_size": 2, "pipeline_schedule": "interleaved_1f1b",
                                 "virtual_pipeline_size": 2}, 1, None),
-    # Zero bubble writes weight gradients outside autograd's accumulation (TRAPS.md #22): with dp2 a
+    # Zero bubble writes weight gradients outside autograd's accumulation (docs/traps.md #22): with dp2 a
     # replica that missed the sync would diverge from the reference.
     "pp2-dp2-zbv-acc2-clip": ({"pipeline_parallel_size": 2, "pipeline_schedule": "zbv_zero_bubble"}, 2, CLIP),
     "pp4-looped-bfs-v2": ({"pipeline_parallel_size": 4, "pipeline_schedule": "looped_bfs",

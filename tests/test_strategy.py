@@ -7,7 +7,7 @@ job trains the reference. The tests then compare what they recorded (CPU is scar
 that needs processes happens in those two jobs).
 
 Data: Lightning's DistributedSampler (shuffle=True, seed PL_GLOBAL_SEED) also runs in the
-single-process reference (one replica), so the same permutation applies there (TRAPS.md #17):
+single-process reference (one replica), so the same permutation applies there (docs/traps.md #17):
 step s of every layout reads samples perm[8s:8s+8], split over the data-shard ranks.
 """
 
@@ -140,7 +140,7 @@ def _parallel(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     res: dict[str, Any] = {}
 
     # Count the gradient all-reduces (the hook's bucket buffers) over the data-parallel group during
-    # each micro-batch (TRAPS.md #6); sync_dist logging also talks over that group, and is not counted.
+    # each micro-batch (docs/traps.md #6); sync_dist logging also talks over that group, and is not counted.
     real_all_reduce = dist.all_reduce
     counter: dict[str, Any] = {"group": None, "buffers": (), "n": 0}
 
@@ -179,14 +179,14 @@ def _parallel(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
         # On every rank (each rank's own shard is part of what it gathers): a drifting replica shows.
         rec["final"] = gather_full_state_dict(model, ctx)
         if name == "tp2-dp2":
-            # validate/test reuse the context and never overwrite shards (TRAPS.md #5, #7).
+            # validate/test reuse the context and never overwrite shards (docs/traps.md #5, #7).
             local = {k: v.detach().clone() for k, v in model.state_dict().items()}
             calls = ctx.new_group_calls
             rec["val"] = trainer.validate(model, _data(), verbose=False)[0]["val_loss"]
             trainer.test(model, _data(), verbose=False)
             preds = trainer.predict(model, dataloaders=_data_loader("val"))
             rec["predictions"] = torch.cat(preds)
-            # The module holds the context, yet copies and pickles (TRAPS.md #9) keep the live one.
+            # The module holds the context, yet copies and pickles (docs/traps.md #9) keep the live one.
             import pickle
 
             rec["copy_keeps_ctx"] = copy.deepcopy(model).parallel_context is ctx and \
@@ -267,7 +267,7 @@ def test_layout_matches_single_process(layout: str, reference: dict, parallel: l
     assert ref["losses"][-1] < ref["losses"][0] - 0.1  # it learns something
     for rank, r in enumerate(runs):
         assert _max_diff(r["final"], ref["final"]) < TOL, rank
-    # Data sharded over data_shard (DATA x EXPERT) ranks only (TRAPS.md #4).
+    # Data sharded over data_shard (DATA x EXPERT) ranks only (docs/traps.md #4).
     sizes = LAYOUTS[layout][0]
     replicas = 4 // (sizes.get("tensor_parallel_size", 1) * sizes.get("sequence_parallel_size", 1))
     assert [r["sampler"][:2] for r in runs] == [(replicas, r["sampler"][3]) for r in runs]
@@ -307,7 +307,7 @@ def test_validate_test_keep_shards_and_context(reference: dict, parallel: list[d
 
 def test_checkpoint_resume_restores_every_shard(reference: dict, parallel: list[dict]) -> None:
     runs = [r["tp2-dp2"] for r in parallel]
-    # TRAPS.md #14: a torch DCP directory (every rank writes its file, shards as DTensors), complete,
+    # docs/traps.md #14: a torch DCP directory (every rank writes its file, shards as DTensors), complete,
     # and every rank gets its own shard back exactly.
     assert runs[0]["ckpt_files"] == [".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp", "meta.pt"]
     assert all(r["restored_exactly"] for r in runs)

@@ -17,7 +17,7 @@ full-model gradient norm compared at every step does not (tp2-ep2, where 'expert
 rank, once left the expert gradients unscaled: losses matched, norms were 18% off).
 
 Helpers (recorder, trainer, data, packing) come from test_strategy.py; see its docstring for the
-data order (TRAPS.md #17).
+data order (docs/traps.md #17).
 """
 
 from __future__ import annotations

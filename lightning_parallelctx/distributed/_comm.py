@@ -1,6 +1,6 @@
 """Buffer-level communication (no autograd): the fast paths every collective is built on.
 
-Layout choices (BENCHMARKING.md: a preallocated dim-0 buffer was 2x faster than ``all_gather``
+Layout choices (docs/benchmarking.md: a preallocated dim-0 buffer was 2x faster than ``all_gather``
 into a fresh list followed by a last-dim ``cat``):
 - all-gather: one ``(world, *piece)`` buffer filled by a single flat all-gather; along dim 0 that
   buffer already *is* the result (no copy), along another dim one ``movedim`` + copy.

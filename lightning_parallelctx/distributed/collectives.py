@@ -13,7 +13,7 @@
 These are written as our own ``torch.autograd.Function``s: torch's differentiable collectives
 (``torch.distributed.nn``, functional collectives) treat each rank's loss as separate, so
 replicated downstream compute gets gradients multiplied by the group size, and they break on gloo
-sub-groups (TRAPS.md #11, #12).
+sub-groups (docs/traps.md #11, #12).
 
 Uneven sizes follow ``torch.tensor_split``: the first ``size % world`` ranks get one more.
 ``scatter`` and ``reduce_scatter`` see the full size, so they need nothing else. ``gather`` and

@@ -1,4 +1,4 @@
-"""Which ranks each parameter's gradient is reduced over (CONTRACT.md, "Who holds what")."""
+"""Which ranks each parameter's gradient is reduced over (README, "Who holds what")."""
 
 from __future__ import annotations
 

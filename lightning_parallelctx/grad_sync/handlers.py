@@ -207,7 +207,7 @@ class FlatAllReduceGradientHandler(GradientHandler):
         self._dirty = False
 
     def setup(self, module: torch.nn.Module, ctx: ParallelContext | None) -> torch.nn.Module:
-        plain, dtensors = split_params(module, ctx)  # FSDP2-managed ones are FSDP2's (TRAPS.md #26)
+        plain, dtensors = split_params(module, ctx)  # FSDP2-managed ones are FSDP2's (docs/traps.md #26)
         self.attach(plain + dtensors, ctx)
         return module
 

@@ -5,7 +5,7 @@ Design notes (why it is shaped like this):
 - Each parameter's ``.grad`` becomes a view into a flat bucket, so communication reads and writes
   the gradients in place and nothing is copied back after the all-reduce.
 - With ``zero_grad(set_to_none=True)`` (Lightning's default) the next backward allocates a fresh
-  ``.grad`` (TRAPS.md #16). Re-pointing ``.grad`` at a zeroed view before backward would cost a
+  ``.grad`` (docs/traps.md #16). Re-pointing ``.grad`` at a zeroed view before backward would cost a
   zero-fill plus an accumulate (read 2, write 1) per element. Instead the post-accumulate hook
   sees the fresh tensor, copies it into its view while scaling by 1/replicas (one pass, the same
   traffic as DDP with ``gradient_as_bucket_view=True``) and re-points ``.grad`` at the view. When
@@ -145,7 +145,7 @@ class DataParallelGradientHook(SyncSwitch):
         self._next = 0  # index of the next bucket to launch
         self._handles: list[Any] = []
 
-        # FSDP2-managed parameters are FSDP2's to reduce (TRAPS.md #26); DTensors need the handler.
+        # FSDP2-managed parameters are FSDP2's to reduce (docs/traps.md #26); DTensors need the handler.
         named, dtensors = split_params(module, ctx)
         if dtensors:
             raise ParallelCtxError(

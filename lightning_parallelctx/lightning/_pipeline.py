@@ -1,17 +1,17 @@
 """The strategy's pipeline glue: what Lightning's automatic optimization needs around a schedule.
 
-Lightning's closure runs ``training_step``, then ``zero_grad``, then ``backward`` (TRAPS.md #19).
+Lightning's closure runs ``training_step``, then ``zero_grad``, then ``backward`` (docs/traps.md #19).
 A pipeline schedule computes the gradients inside ``training_step``, so the strategy
 
 - sets the fit loop's ``_skip_backward`` (Lightning then skips its own zero_grad and backward, as
   for its SWA callback) and runs ``on_before_zero_grad`` / ``optimizer_zero_grad`` itself, before
   ``training_step``, on the first batch of each accumulation window;
 - runs ``training_step`` inside :func:`backward_scope` with each micro-batch loss scaled by
-  1 / accumulate_grad_batches (torch's ``scale_grads`` is off, TRAPS.md #21), and inside the
+  1 / accumulate_grad_batches (torch's ``scale_grads`` is off, docs/traps.md #21), and inside the
   gradient handler's ``no_sync()``: the schedule accumulates several micro-batches into one
-  parameter (TRAPS.md #25); the strategy's ``optimizer_step`` synchronises once afterwards;
+  parameter (docs/traps.md #25); the strategy's ``optimizer_step`` synchronises once afterwards;
 - after a zero-bubble schedule, which assigns weight gradients outside autograd's accumulation so
-  post-accumulate-grad hooks never fire (TRAPS.md #22), replays one zero accumulation per
+  post-accumulate-grad hooks never fire (docs/traps.md #22), replays one zero accumulation per
   parameter: every hook-based gradient handler then knows the parameter has a gradient;
 - calls ``on_before_backward`` / ``on_after_backward`` after the schedule (the gradients exist then).
 """

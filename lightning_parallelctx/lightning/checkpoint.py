@@ -18,7 +18,7 @@ tensor, and on load reads whatever slices the loading ranks' DTensors need, so a
 tp2-dp2 resumes at tp4, dp4 or sp2-dp2 directly (no consolidation step). The same files are read by
 torch's own tools (``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``) and follow the
 key layout of Lightning's ``ModelParallelStrategy`` ("state_dict", "optimizer_<i>" keyed by
-parameter name). Plain tensors under one key would be de-duplicated to one rank's copy (TRAPS.md
+parameter name). Plain tensors under one key would be de-duplicated to one rank's copy (docs/traps.md
 #14); DTensors are not.
 
 Atomicity (atomic.py): files go to ``.<name>.partial``; rank 0 marks and renames it once DCP's

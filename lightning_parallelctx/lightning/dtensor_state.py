@@ -1,11 +1,11 @@
 """The library's sharded tensors presented as DTensors on the context's mesh, for torch DCP.
 
 A tensor-parallel parameter holds ``full.chunk(tp, dim)[tp_rank]`` and an expert parameter
-``full.chunk(ep, 0)[ep_rank]`` (CONTRACT.md, nn layouts). That is exactly a DTensor with placement
+``full.chunk(ep, 0)[ep_rank]`` (docs/collectives.md, layer layouts). That is exactly a DTensor with placement
 ``Shard(dim)`` on the TENSOR mesh dimension (``Shard(0)`` on EXPERT; both, expert outermost, for an
 expert weight that is also split over TENSOR). Presented so, ``torch.distributed.checkpoint``
 records each shard's offset in the full tensor: every shard is kept (plain tensors under one key are
-de-duplicated to rank 0's, TRAPS.md #14), replicas over DATA/SEQUENCE are written once, and a load
+de-duplicated to rank 0's, docs/traps.md #14), replicas over DATA/SEQUENCE are written once, and a load
 into another layout reads whichever slices the new shards need (re-sharding for free).
 
 Optimizer states (AdamW moments) are cut exactly like their parameters, so they get the same

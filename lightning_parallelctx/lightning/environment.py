@@ -2,7 +2,7 @@
 
 Lightning's own environments each know one launcher, need mpi4py for MPI and fall back to
 launching local copies when they do not recognise one: `mpirun -np 4` without mpi4py, or an srun
-step named "interactive", silently becomes N independent trainings (TRAPS.md #10). This one reads
+step named "interactive", silently becomes N independent trainings (docs/traps.md #10). This one reads
 every launcher the library knows (:mod:`lightning_parallelctx.launchers`) and turns the ambiguous
 cases into errors that say what to change.
 """
@@ -143,7 +143,7 @@ class ParallelCtxEnvironment(ClusterEnvironment):
         """Raise if the launcher started something else than ``devices`` x ``num_nodes`` processes.
 
         Lightning only calls this from its own launcher; the strategy calls it itself for external
-        launches (under srun Lightning never would, LAUNCHERS.md), at Trainer construction.
+        launches (under srun Lightning never would, docs/launchers.md), at Trainer construction.
         """
         name = self.launcher  # raises for the ambiguous cases
         info = self.launch

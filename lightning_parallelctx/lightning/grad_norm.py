@@ -1,4 +1,4 @@
-"""Gradient norm and clipping across model shards (TRAPS.md #8).
+"""Gradient norm and clipping across model shards (docs/traps.md #8).
 
 Lightning's precision plugin clips with ``torch.nn.utils.clip_grad_norm_`` over the parameters of
 one rank. With tensor/pipeline/expert sharding each rank then sees only part of the model and
@@ -11,7 +11,7 @@ all-reduce of one scalar over the world then gives the full model's norm on ever
 
 DTensor gradients are read through their local tensors: ``DTensor.norm()``/``full_tensor()`` run
 collectives, and with a mix of meshes (or of DTensor and plain parameters) the ranks would run
-different ones and hang (TRAPS.md #27). Here every rank runs the same single all-reduce, whatever
+different ones and hang (docs/traps.md #27). Here every rank runs the same single all-reduce, whatever
 it holds. Gradients must already be synchronised over the data replicas (they are identical there;
 FSDP2's are reduce-scattered).
 """

@@ -1,4 +1,4 @@
-"""``self.device_mesh`` for code written for Lightning's ``ModelParallelStrategy`` (TRAPS.md #28).
+"""``self.device_mesh`` for code written for Lightning's ``ModelParallelStrategy`` (docs/traps.md #28).
 
 The mesh is the context's own :attr:`ParallelContext.device_mesh` (dims ``pp, dp, ep, sp, tp``,
 outermost first, over the context's groups) plus flattened sub-meshes registered on it, so that

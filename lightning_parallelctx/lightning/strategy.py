@@ -4,7 +4,7 @@ Thin glue in the shape of Lightning's ``strategies/model_parallel.py``: Lightnin
 process group (or finds the launcher's), the :class:`ParallelContext` adds only its sub-groups, and
 the model is trained unwrapped, its gradients synchronised by the library's gradient handler.
 Each override below exists because the inherited behaviour is wrong for sharded models; the
-TRAPS.md number says which trap it avoids.
+docs/traps.md number says which trap it avoids.
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ class ParallelCtxStrategy(ParallelStrategy):
                 "sequence": s["sequence_parallel_size"], "expert": s["expert_parallel_size"]}
 
     def _build_context(self) -> ParallelContext:
-        """Once per process (TRAPS.md #7): a later fit/validate/test/predict, or a later Trainer
+        """Once per process (docs/traps.md #7): a later fit/validate/test/predict, or a later Trainer
         with the same layout, reuses the live context instead of making new groups."""
         if self._context is not None and not self._context.is_destroyed:
             return self._context
@@ -284,13 +284,13 @@ class ParallelCtxStrategy(ParallelStrategy):
 
     @property
     def is_distributed(self) -> bool:
-        # Without it Lightning adds no DistributedSampler and ignores sync_dist (TRAPS.md #2).
+        # Without it Lightning adds no DistributedSampler and ignores sync_dist (docs/traps.md #2).
         return True
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # Only DATA x EXPERT ranks read distinct batches; tensor/sequence/pipeline peers share theirs
-        # (TRAPS.md #4: the inherited version uses the global world).
+        # (docs/traps.md #4: the inherited version uses the global world).
         ctx = self.parallel_context
         return {"num_replicas": ctx.get_world_size(ParallelMode.DATA_SHARD),
                 "rank": ctx.get_local_rank(ParallelMode.DATA_SHARD)}
@@ -320,11 +320,11 @@ class ParallelCtxStrategy(ParallelStrategy):
         mode_groups_for(layout, self._modes)  # plug-in modes are checked (partition, applicability) too
         if env.creates_processes_externally:
             # torchrun/srun/mpirun started us: no launcher (it would start copies), but check what
-            # they started, which Lightning never does without a launcher (LAUNCHERS.md).
+            # they started, which Lightning never does without a launcher (docs/launchers.md).
             env.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
             die_with_launcher()  # a child of our launcher or of torchrun's agent must not outlive it
         else:
-            # Without a launcher `devices=N` silently runs one process (TRAPS.md #1).
+            # Without a launcher `devices=N` silently runs one process (docs/traps.md #1).
             self._launcher = ParallelCtxLauncher(env, self.num_processes, self.num_nodes)
 
     def set_world_ranks(self) -> None:
@@ -345,7 +345,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         if self._process_group_backend is None:
             self._process_group_backend = _get_default_process_group_backend_for_device(self.root_device)
         assert self.cluster_environment is not None
-        # Returns at once when the group exists (a second fit/validate, TRAPS.md #7). Our store, not
+        # Returns at once when the group exists (a second fit/validate, docs/traps.md #7). Our store, not
         # torch's env:// one, which would listen on every interface (rendezvous.py).
         store = None if _distributed_is_initialized() else self._world_store()
         _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout,
@@ -355,10 +355,10 @@ class ParallelCtxStrategy(ParallelStrategy):
         # live context (another layout) was built later in this process.
         set_current_context(ctx)
         assert self.lightning_module is not None
-        # Before the setup()/configure_model() hooks; deepcopy/pickle-safe (TRAPS.md #9).
+        # Before the setup()/configure_model() hooks; deepcopy/pickle-safe (docs/traps.md #9).
         self.lightning_module.parallel_context = ctx
         self._faults.arm(self.cluster_environment.main_address, self.cluster_environment.main_port)
-        # What ModelParallelStrategy sets, over the context's groups (TRAPS.md #28).
+        # What ModelParallelStrategy sets, over the context's groups (docs/traps.md #28).
         self.lightning_module._device_mesh = lightning_device_mesh(ctx)
         self._pipeline.plan_for(ctx)
 
@@ -399,7 +399,7 @@ class ParallelCtxStrategy(ParallelStrategy):
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
             self._install_sharded_clipping()
-        # Nothing else: validate/test/predict never broadcast weights (TRAPS.md #5).
+        # Nothing else: validate/test/predict never broadcast weights (docs/traps.md #5).
         default_metric_groups(module, ctx)
         self.setup_precision_plugin()
         if fitting:
@@ -421,7 +421,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self.model.to(self.root_device)
 
     def _install_sharded_clipping(self) -> None:
-        # The precision plugin clips by the local norm (TRAPS.md #8). Shadowing its method on this
+        # The precision plugin clips by the local norm (docs/traps.md #8). Shadowing its method on this
         # instance keeps whatever it does around it (AMP unscaling) and needs no plugin subclass.
         plugin = self.precision_plugin
         strategy = self
@@ -434,7 +434,7 @@ class ParallelCtxStrategy(ParallelStrategy):
     # ------------------------------------------------------------------ gradient synchronisation
     @contextlib.contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:
-        # Accumulating micro-batches must not communicate (TRAPS.md #6): the inherited version
+        # Accumulating micro-batches must not communicate (docs/traps.md #6): the inherited version
         # only knows DDP-wrapped models.
         if self._grad_handler is None:
             yield None
@@ -465,7 +465,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         with self._forward_buffers():
             if not self._pipeline.active:
                 return super().training_step(*args, **kwargs)
-            # The schedule runs backward inside training_step (see _pipeline.py, TRAPS.md #19).
+            # The schedule runs backward inside training_step (see _pipeline.py, docs/traps.md #19).
             assert self.lightning_module is not None
             return self._pipeline.training_step(self.lightning_module.trainer, self._grad_handler, self.optimizers,
                                                 lambda: super(ParallelCtxStrategy, self).training_step(*args, **kwargs))
@@ -576,7 +576,7 @@ class ParallelCtxStrategy(ParallelStrategy):
             revert_sync_batchnorm(self.lightning_module)  # as DDPStrategy does after fit
         self._faults.disarm()  # after the removal: a removal stuck on a dead peer is still ended
         self._pipeline.teardown(getattr(self.lightning_module, "_trainer", None))
-        # The context outlives this fit: the next fit/validate/test/predict reuses it (TRAPS.md #7).
+        # The context outlives this fit: the next fit/validate/test/predict reuses it (docs/traps.md #7).
         super().teardown()
 
     @classmethod
@@ -586,7 +586,7 @@ class ParallelCtxStrategy(ParallelStrategy):
 
 def register(strategy_registry: Mapping[str, Any] | None = None) -> None:
     """Register the name "parallelctx", once (Lightning never calls a third party's
-    register_strategies itself, TRAPS.md #3)."""
+    register_strategies itself, docs/traps.md #3)."""
     if strategy_registry is None:
         from lightning.pytorch.strategies import StrategyRegistry as strategy_registry
     if "parallelctx" not in strategy_registry:

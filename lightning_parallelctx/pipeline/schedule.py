@@ -9,10 +9,10 @@ module only adds what a Lightning strategy needs around them:
 
 - ``scale_grads=False`` and each micro-batch loss divided by (micro-batches x accumulation), because
   torch's ``scale_grads=True`` divides the whole ``.grad`` and is wrong across accumulation steps
-  (TRAPS.md #21);
+  (docs/traps.md #21);
 - the batch's true loss on every pipeline rank (the loss exists only on the last stage, which is
-  pipeline rank 0 for the V schedules, TRAPS.md #24);
-- stages built per input signature: torch fixes shapes at a stage's first step (TRAPS.md #23), so a
+  pipeline rank 0 for the V schedules, docs/traps.md #24);
+- stages built per input signature: torch fixes shapes at a stage's first step (docs/traps.md #23), so a
   batch of another shape (the last, smaller batch of an epoch; validation batches) gets its own
   stages instead of aborting gloo.
 
@@ -83,7 +83,7 @@ class Schedule(ABC):
     - ``multi_stage``: whether a rank may hold several stages (``virtual_pipeline_size > 1``);
     - ``default_virtual_stages``: stages per rank when ``virtual_pipeline_size`` is not given;
     - ``writes_weight_grads_directly``: weight gradients are assigned to ``.grad`` outside autograd's
-      accumulation, so post-accumulate-grad hooks never fire (zero-bubble, TRAPS.md #22) and the
+      accumulation, so post-accumulate-grad hooks never fire (zero-bubble, docs/traps.md #22) and the
       strategy must tell the data-parallel gradient hook.
     """
 
@@ -210,7 +210,7 @@ class TorchSchedule(Schedule):
         mode = "train" if backward else ("eval" if with_loss else "predict")
         sched = self._schedule_for(pipe, mode, args)
         # Each micro-batch loss is a mean over its samples: dividing by the micro-batch count makes
-        # the summed gradients those of the whole batch's mean, once (scale_grads=False, TRAPS.md #21).
+        # the summed gradients those of the whole batch's mean, once (scale_grads=False, docs/traps.md #21).
         self._loss_fn, self._scale = loss_fn, float(loss_scale) / plan.num_microbatches
         kwargs: dict[str, Any] = {"target": target} if with_loss else {}
         losses: list[torch.Tensor] = []
@@ -418,7 +418,7 @@ def get_schedule(spec: ScheduleSpec | None = None) -> Schedule:
 
 
 def _torch_schedule_getstate(self: TorchSchedule) -> dict[str, Any]:
-    # Built stages hold process groups and modules: a pickled copy (TRAPS.md #9) starts without them.
+    # Built stages hold process groups and modules: a pickled copy (docs/traps.md #9) starts without them.
     return {**self.__dict__, "_cache": OrderedDict(), "_loss_fn": None}
 
 

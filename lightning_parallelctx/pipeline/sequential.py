@@ -69,7 +69,7 @@ class StagePlan:
                    group=ctx.get_group("pipeline"), group_ranks=ctx.get_ranks_in_group("pipeline"),
                    num_microbatches=num_microbatches, schedule=schedule)
 
-    def __getstate__(self) -> dict[str, Any]:  # process groups do not pickle (TRAPS.md #9)
+    def __getstate__(self) -> dict[str, Any]:  # process groups do not pickle (docs/traps.md #9)
         return {**self.__dict__, "group": None}
 
 
@@ -221,7 +221,7 @@ class PipelineSequential(nn.Module):
         are on the same rank; on different ranks copies, kept equal by :meth:`sync_tied_weights`
         (values) and :meth:`reduce_tied_grads` (gradients summed). Both talk over the PIPELINE group,
         which every pipeline rank joins (ranks without a copy send zeros): no extra process group,
-        whose creation on some ranks only would desynchronise later group names (TRAPS.md #18)."""
+        whose creation on some ranks only would desynchronise later group names (docs/traps.md #18)."""
         self.tied = [list(g) for g in tied]
         self._tied: list[tuple[torch.Size, torch.dtype, nn.Parameter | None, int, bool]] = []
         plan = self.plan
