@@ -11,7 +11,9 @@ trap 'bash scripts/local_cluster.sh stop "$CLUSTER_DIR" || true' EXIT
 export PCTX_SLURM_DIR="$CLUSTER_DIR" SLURM_CONF="$CLUSTER_DIR/slurm.conf"
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184
 set +e
-python3 -m pytest -q -p no:cacheprovider "$@"
+# Three workers on two cores: many cases wait (for a timeout, a launcher, a Slurm job) rather than
+# compute. loadscope keeps each test module (and its module-scoped worlds) on one worker.
+python3 -m pytest -q -p no:cacheprovider -n "${PCTX_TEST_WORKERS:-3}" --dist loadscope "$@"
 status=$?
 set -e
 # pytest's 5 means no test ran: that is a failure of the suite, not a pass.

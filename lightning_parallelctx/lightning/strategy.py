@@ -69,6 +69,15 @@ from .resume_data import batches_already_run, make_resumable
 _SIZE_NAMES = ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size", "expert_parallel_size")
 
 
+def _same_build_everywhere(ctx: ParallelContext | None) -> bool:
+    """True when every rank found the same live context (same build), by one small all-reduce."""
+    build = -1 if ctx is None else int(ctx.build_id)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    both = torch.tensor([build, -build], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MIN)
+    return build >= 0 and int(both[0]) == build == -int(both[1])
+
+
 def _check_size(name: str, value: Any, allow_auto: bool = False) -> Any:
     if allow_auto and (value is None or value == "auto"):
         return "auto"
@@ -246,6 +255,11 @@ class ParallelCtxStrategy(ParallelStrategy):
         sizes = self._layout_sizes()
         layout = RankLayout.build(dist.get_world_size(), **sizes, order=self._order)
         ctx = _live_context(dict(layout.sizes), layout.order, tuple(resolve_initializer(m).name for m in self._modes))
+        if not _same_build_everywhere(ctx):
+            # Live contexts are held weakly, so whether one survives depends on each process's
+            # garbage collection: ranks that disagree would enter different collectives (one
+            # building groups, the others already training) and hang. Reuse only what all share.
+            ctx = None
         if ctx is None:
             # The default group exists (Lightning made it, or the launcher's user did): the context
             # reuses it and creates only the sub-groups. The env tells it this process's node-local
