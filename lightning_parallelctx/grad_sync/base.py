@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import torch
 
+from ..registry import register_class
+
 if TYPE_CHECKING:
     from ..context import ParallelContext
 
@@ -130,19 +132,8 @@ def _default_name(cls: type) -> str:
 
 
 def _register(name: str, cls: Any, override: bool) -> Any:
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"a gradient handler's name must be a non-empty string, got {name!r}")
-    if not (isinstance(cls, type) and issubclass(cls, GradientHandler)):
-        raise TypeError(f"{cls!r} is not a GradientHandler subclass; subclass "
-                        f"lightning_parallelctx.grad_sync.GradientHandler")
-    held = _REGISTRY.get(name)
-    # Same qualified name = the module was re-imported (e.g. a notebook re-run): take the new one.
-    if (held is not None and held is not cls and not override
-            and (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__)):
-        raise ValueError(f"gradient handler name {name!r} is taken by {held.__module__}.{held.__qualname__}; "
-                             f"pick another name or pass override=True")
-    _REGISTRY[name] = cls
-    return cls
+    return register_class(_REGISTRY, name, cls, GradientHandler, "gradient handler",
+                          "lightning_parallelctx.grad_sync.GradientHandler", override)
 
 
 def available_gradient_handlers() -> list[str]:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch.distributed import pipelining as _pp
 
 from ..errors import ParallelConfigError
+from ..registry import register_class
 from .placement import Placement
 
 if TYPE_CHECKING:
@@ -336,17 +337,8 @@ def register_schedule(name: str | None = None, cls: type[Schedule] | None = None
 
 
 def _register(name: str, cls: Any, override: bool) -> Any:
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"a schedule's name must be a non-empty string, got {name!r}")
-    if not (isinstance(cls, type) and issubclass(cls, Schedule)):
-        raise TypeError(f"{cls!r} is not a Schedule subclass; subclass lightning_parallelctx.pipeline.Schedule")
-    held = _REGISTRY.get(name)
-    if (held is not None and held is not cls and not override
-            and (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__)):
-        raise ValueError(f"schedule name {name!r} is taken by {held.__module__}.{held.__qualname__}; pick another "
-                         f"name or pass override=True")
-    _REGISTRY[name] = cls
-    return cls
+    return register_class(_REGISTRY, name, cls, Schedule, "schedule", "lightning_parallelctx.pipeline.Schedule",
+                          override)
 
 
 for _cls in (NonPipelineSchedule, GPipeSchedule, OneFOneBSchedule, Interleaved1F1BSchedule, LoopedBFSSchedule,
