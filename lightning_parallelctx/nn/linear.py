@@ -35,7 +35,38 @@ from ._region import enter_region
 
 class _ParallelLinear(_ParallelLayer):
     """What both parallel linears share: the full ``(out, in)`` weight is drawn as ``nn.Linear``
-    would draw it and cut by ``init_from_full``, so every tensor-parallel size trains the same model."""
+    would draw it and cut by ``init_from_full``, so every tensor-parallel size trains the same model.
+    ``split_dim`` is the weight dimension split over the group: 0 (output features) for the column
+    layer, 1 (input features) for the row layer."""
+
+    split_dim: int
+
+    def _build(self, in_features: int, out_features: int, bias: bool, sequence_parallel: bool, sequence_dim: int,
+               init_method: InitFn | None, mode: "ParallelMode | str", context: ContextLike | None,
+               device: "torch.device | str | None", dtype: torch.dtype | None) -> int:
+        """Create this rank's weight and bias shards; returns the split dimension's size per rank."""
+        self._setup_group(mode, context)
+        self.in_features, self.out_features = in_features, out_features
+        self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
+        full = (out_features, in_features)
+        per_rank = shard_size(full[self.split_dim], self.world_size, ("out_features", "in_features")[self.split_dim],
+                              self.mode)
+        shape = list(full)
+        shape[self.split_dim] = per_rank
+        kw = {"device": device, "dtype": dtype}
+        self.weight = torch.nn.Parameter(torch.empty(*shape, **kw))
+        self.bias = torch.nn.Parameter(torch.empty(shape[0], **kw)) if bias else None
+        mark_shard(self.weight, self.split_dim, full[self.split_dim], self.mode)
+        if self.bias is not None and self.split_dim == 0:
+            mark_shard(self.bias, 0, out_features, self.mode)
+        elif self.bias is not None and sequence_parallel:
+            # The row layer's replicated bias is added to a sequence slice: each rank's gradient
+            # covers only its tokens.
+            markers.mark_sequence_parallel(self.bias)
+        self.init_method = init_method
+        if not is_meta(device):
+            self.reset_parameters()
+        return per_rank
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -43,6 +74,14 @@ class _ParallelLinear(_ParallelLayer):
         b = torch.empty(self.out_features, device=w.device, dtype=w.dtype) if self.bias is not None else None
         linear_init_(w, b, self.init_method)
         self.init_from_full(w, b)
+
+    @torch.no_grad()
+    def init_from_full(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Load this rank's slice of a full (out_features, in_features) weight (and bias: sliced
+        for the column layer, whole for the row layer's replicated one)."""
+        self.weight.copy_(weight.chunk(self.world_size, self.split_dim)[self.rank])
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias.chunk(self.world_size, 0)[self.rank] if self.split_dim == 0 else bias)
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -54,32 +93,16 @@ class ColumnParallelLinear(_ParallelLinear):
     needs no copy); the output covers the full sequence.
     """
 
+    split_dim = 0
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False, *,
                  sequence_parallel: bool = False, sequence_dim: int = 0, init_method: InitFn | None = None,
                  mode: "ParallelMode | str" = ParallelMode.TENSOR, context: ContextLike | None = None,
                  device: "torch.device | str | None" = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self._setup_group(mode, context)
-        self.in_features, self.out_features = in_features, out_features
-        self.gather_output, self.sequence_parallel, self.sequence_dim = gather_output, sequence_parallel, sequence_dim
-        self.out_features_per_rank = shard_size(out_features, self.world_size, "out_features", self.mode)
-        kw = {"device": device, "dtype": dtype}
-        self.weight = torch.nn.Parameter(torch.empty(self.out_features_per_rank, in_features, **kw))
-        self.bias = torch.nn.Parameter(torch.empty(self.out_features_per_rank, **kw)) if bias else None
-        mark_shard(self.weight, 0, out_features, self.mode)
-        if self.bias is not None:
-            mark_shard(self.bias, 0, out_features, self.mode)
-        self.init_method = init_method
-        if not is_meta(device):
-            self.reset_parameters()
-
-
-    @torch.no_grad()
-    def init_from_full(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Load this rank's slice of a full (out_features, in_features) weight (and bias)."""
-        self.weight.copy_(weight.chunk(self.world_size, 0)[self.rank])
-        if bias is not None and self.bias is not None:
-            self.bias.copy_(bias.chunk(self.world_size, 0)[self.rank])
+        self.gather_output = gather_output
+        self.out_features_per_rank = self._build(in_features, out_features, bias, sequence_parallel, sequence_dim,
+                                                 init_method, mode, context, device, dtype)
 
     def forward(self, x: torch.Tensor, sequence_sizes: "int | Sequence[int] | None" = None) -> torch.Tensor:
         """``sequence_sizes`` (sequence parallelism only): the full sequence length (slices as
@@ -115,33 +138,16 @@ class RowParallelLinear(_ParallelLinear):
     replicated bias is added.
     """
 
+    split_dim = 1
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True, *,
                  sequence_parallel: bool = False, sequence_dim: int = 0, init_method: InitFn | None = None,
                  mode: "ParallelMode | str" = ParallelMode.TENSOR, context: ContextLike | None = None,
                  device: "torch.device | str | None" = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self._setup_group(mode, context)
-        self.in_features, self.out_features = in_features, out_features
-        self.input_is_parallel, self.sequence_parallel, self.sequence_dim = input_is_parallel, sequence_parallel, sequence_dim
-        self.in_features_per_rank = shard_size(in_features, self.world_size, "in_features", self.mode)
-        kw = {"device": device, "dtype": dtype}
-        self.weight = torch.nn.Parameter(torch.empty(out_features, self.in_features_per_rank, **kw))
-        self.bias = torch.nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        mark_shard(self.weight, 1, in_features, self.mode)
-        if self.bias is not None and sequence_parallel:
-            # Added to a sequence slice: each rank's gradient covers only its tokens.
-            markers.mark_sequence_parallel(self.bias)
-        self.init_method = init_method
-        if not is_meta(device):
-            self.reset_parameters()
-
-
-    @torch.no_grad()
-    def init_from_full(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Load this rank's slice of a full (out_features, in_features) weight (and the bias)."""
-        self.weight.copy_(weight.chunk(self.world_size, 1)[self.rank])
-        if bias is not None and self.bias is not None:
-            self.bias.copy_(bias)
+        self.input_is_parallel = input_is_parallel
+        self.in_features_per_rank = self._build(in_features, out_features, bias, sequence_parallel, sequence_dim,
+                                                init_method, mode, context, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self._group()
