@@ -83,6 +83,19 @@ class GroupSyncBatchNorm(_BatchNorm):
         return out.to(input.dtype)
 
 
+
+def _adopt_state(old: _BatchNorm, new: _BatchNorm) -> _BatchNorm:
+    """Give ``new`` the very Parameter and buffer objects of ``old`` (optimizers and checkpoints
+    keep pointing at them) and its train/eval mode."""
+    if old.affine:
+        new.weight = old.weight
+        new.bias = old.bias
+    new.running_mean = old.running_mean
+    new.running_var = old.running_var
+    new.num_batches_tracked = old.num_batches_tracked
+    new.training = old.training
+    return new
+
 def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any, device: torch.device) -> torch.nn.Module:
     """Replace every BatchNorm layer of ``module`` by a synchronised one over ``process_group``,
     keeping its parameters (the same Parameter objects) and buffers. Returns the converted module."""
@@ -93,14 +106,7 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any, device: 
         else:
             new = torch.nn.SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                          module.track_running_stats, process_group)
-        if module.affine:
-            with torch.no_grad():
-                new.weight = module.weight
-                new.bias = module.bias
-        new.running_mean = module.running_mean
-        new.running_var = module.running_var
-        new.num_batches_tracked = module.num_batches_tracked
-        new.training = module.training
+        _adopt_state(module, new)
         setattr(new, _CONVERTED, True)
         if hasattr(module, "qconfig"):
             new.qconfig = module.qconfig
@@ -126,14 +132,7 @@ def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     if getattr(module, _CONVERTED, False):
         assert isinstance(module, _BatchNorm)
         new = _BatchNormXd(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
-        if module.affine:
-            new.weight = module.weight
-            new.bias = module.bias
-        new.running_mean = module.running_mean
-        new.running_var = module.running_var
-        new.num_batches_tracked = module.num_batches_tracked
-        new.training = module.training
-        return new
+        return _adopt_state(module, new)
     for name, child in module.named_children():
         reverted = revert_sync_batchnorm(child)
         if reverted is not child:
