@@ -64,6 +64,7 @@ from .replicas import ReplicaBufferSync, sync_replicas_at_fit_start
 from .fsdp import check_marks_kept, shard_model
 from .mesh import lightning_device_mesh
 from .meta import materialize_meta
+from .batch_check import BatchCheck
 from .resume_data import batches_already_run, make_resumable
 
 _SIZE_NAMES = ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size", "expert_parallel_size")
@@ -215,6 +216,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._context: ParallelContext | None = None
         self._grad_handler: Any = None
         self._buffer_sync: ReplicaBufferSync | None = None
+        self._batch_check: BatchCheck | None = None
         # With gradient_handler="ddp" and manual optimization, DDP's post-forward must not prepare a
         # second backward after training_step (Lightning's DDPStrategy does the same).
         self._forward_redirection = _DDPForwardRedirection()
@@ -410,6 +412,7 @@ class ParallelCtxStrategy(ParallelStrategy):
             self.model = handler.setup(self.model, ctx)
             if not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):  # DDP broadcasts its own
                 self._buffer_sync = ReplicaBufferSync(module, ctx, lambda: handler.require_sync)
+            self._batch_check = BatchCheck(ctx, self.root_device)
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
             self._install_sharded_clipping()
@@ -476,6 +479,9 @@ class ParallelCtxStrategy(ParallelStrategy):
         return closure_loss
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._batch_check is not None and self._batch_check.active:  # silent garbage otherwise: batch_check.py
+            assert self.lightning_module is not None
+            self._batch_check(args[0] if args else kwargs.get("batch"), self.lightning_module.trainer.current_epoch)
         with self._forward_buffers():
             if not self._pipeline.active:
                 return super().training_step(*args, **kwargs)
@@ -586,6 +592,7 @@ class ParallelCtxStrategy(ParallelStrategy):
                 self._grad_handler.remove()
             self._grad_handler = None
         self._buffer_sync = None
+        self._batch_check = None
         if self._layer_sync is not None and self.lightning_module is not None:
             revert_sync_batchnorm(self.lightning_module)  # as DDPStrategy does after fit
         self._faults.disarm()  # after the removal: a removal stuck on a dead peer is still ended
