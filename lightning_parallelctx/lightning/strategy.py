@@ -64,7 +64,7 @@ from .replicas import ReplicaBufferSync, sync_replicas_at_fit_start
 from .fsdp import check_marks_kept, shard_model
 from .mesh import lightning_device_mesh
 from .meta import materialize_meta
-from .resume_data import batches_already_run, make_resumable
+from .resume_data import batches_already_run, make_resumable, restart_epoch_iterator_if_done
 
 _SIZE_NAMES = ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size", "expert_parallel_size")
 
@@ -566,6 +566,8 @@ class ParallelCtxStrategy(ParallelStrategy):
         if self._rng_state is not None:
             set_rng_state(self._rng_state)
             self._rng_state = None
+            # Saved after an epoch's last batch: the next epoch's iterator draws from the restored state.
+            restart_epoch_iterator_if_done(self.lightning_module.trainer)
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:

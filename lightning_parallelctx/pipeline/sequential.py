@@ -23,9 +23,7 @@ whose loss Lightning back-propagates) and at pp>1.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +32,7 @@ from torch import nn
 
 from .placement import Placement, last_stage_rank, layer_ranges, stage_rank, stages_of_rank
 from .schedule import LossFn, NonPipelineSchedule, Schedule
+from .scope import backward_scale, backward_scope
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -79,26 +78,6 @@ def stage_plan(module: Any) -> StagePlan:
     trainer = getattr(module, "_trainer", None)
     plan = getattr(getattr(trainer, "strategy", None), "stage_plan", None)
     return plan if isinstance(plan, StagePlan) else StagePlan()
-
-
-# ---------------------------------------------------------------------------------- backward scope
-_scope = threading.local()
-
-
-@contextmanager
-def backward_scope(loss_scale: float = 1.0) -> Iterator[None]:
-    """Inside, :meth:`PipelineSequential.loss` at pp > 1 runs the schedule with backward, each
-    micro-batch loss multiplied by ``loss_scale`` (the strategy passes 1 / accumulate_grad_batches)."""
-    previous = getattr(_scope, "scale", None)
-    _scope.scale = float(loss_scale)
-    try:
-        yield
-    finally:
-        _scope.scale = previous
-
-
-def _backward_scale() -> float | None:
-    return getattr(_scope, "scale", None)
 
 
 # ---------------------------------------------------------------------------------- the module
@@ -334,7 +313,7 @@ class PipelineSequential(nn.Module):
             args = tuple(inputs)
         if target is None or loss_fn is None:
             raise TypeError("pipe.loss(*inputs, target, loss_fn): a target tensor and a loss function are needed")
-        scale = _backward_scale()
+        scale = backward_scale()
         result = self.plan.schedule.forward_backward_step(
             self, tuple(args), target, loss_fn, backward=scale is not None and self.is_pipelined,
             loss_scale=1.0 if scale is None else scale)

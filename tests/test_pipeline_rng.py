@@ -1,0 +1,186 @@
+"""Random numbers under pipeline parallelism: torch's shape inference draws none.
+
+torch's PipelineStage infers shapes at a schedule's first step by running each stage once more on
+real tensors; with dropout that extra forward used to consume the default generator, so the first
+step's masks (and every later draw) depended on whether, and how often, stages had been built
+(one build per input shape). Here 2 processes run a pipelined MLP with dropout (one dropout inside a
+named stream of lightning_parallelctx.random) with a single-stage and a V (two stages per rank)
+schedule: from the same generator states, the step that builds the stages (inference) and a step
+with the stages already built give bit-identical losses, gradients and generator states after the
+step, on every rank. What holds with dropout across layouts is in docs/pipeline.md.
+
+Through Trainer.fit (pp2, dropout, accumulation 2): a run resumed from its step-4 checkpoint (new
+stages, so a new shape inference) repeats the uninterrupted run's losses and weights exactly, and
+Lightning's ``on_before_backward`` gets each micro-batch's loss on the last stage, with its graph,
+before its backward; the losses of one batch sum to Lightning's closure loss (loss / accumulation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_parallelctx.testing import spawn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytestmark = pytest.mark.timeout(300)
+SCHEDULES = ("1f1b", "zbv_zero_bubble")
+
+
+def _worker(rank: int, world_size: int) -> dict[str, Any]:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lightning_parallelctx import random as prandom
+    from lightning_parallelctx.pipeline import PipelineSequential, StagePlan, backward_scope, get_schedule
+    from lightning_parallelctx.pipeline.placement import stages_of_rank
+
+    class StreamDropout(nn.Module):
+        """Dropout drawn from the library's "tensor" stream: its state must be restored too."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with prandom.model_parallel_rng("tensor"):
+                return F.dropout(x, 0.3, training=True)
+
+    dist.init_process_group("gloo")
+
+    def seed() -> None:
+        torch.manual_seed(7)
+        prandom.get_rng_tracker().add("tensor", 99)
+
+    out: dict[str, Any] = {}
+    for name in SCHEDULES:
+        schedule = get_schedule(name)
+        stages = 2 * (2 if name == "zbv_zero_bubble" else 1)
+        plan = StagePlan(pp=2, num_stages=stages, placement=schedule.placement,
+                         stages=stages_of_rank(rank, 2, stages, schedule.placement), pp_rank=rank,
+                         group=dist.group.WORLD, group_ranks=[0, 1], num_microbatches=4, schedule=schedule)
+        torch.manual_seed(0)  # the same full model on both ranks; each keeps its stages
+        layers = [nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5)), nn.Sequential(nn.Linear(16, 16), StreamDropout()),
+                  nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5)), nn.Linear(16, 4)]
+        pipe = PipelineSequential(layers, plan)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(8, 8, generator=g), torch.randn(8, 4, generator=g)
+        runs = []
+        for _ in range(2):  # the first step builds the stages (shape inference), the second reuses them
+            pipe.zero_grad(set_to_none=True)
+            seed()
+            before = prandom.get_rng_state()
+            with backward_scope(1.0):
+                loss = pipe.loss(x, y, F.mse_loss)
+            after = prandom.get_rng_state()
+            runs.append({"loss": loss.item(), "grads": {k: p.grad.clone() for k, p in pipe.named_parameters()},
+                         "after": after, "drew": not torch.equal(before["default"]["cpu"], after["default"]["cpu"])})
+        out[name] = runs
+    dist.destroy_process_group()
+    return out
+
+
+def _fit_dropout(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch import nn
+
+    from examples.pipeline.model import PipelinedMLP, loader
+    from lightning_parallelctx import ParallelCtxStrategy
+
+    class DropoutMLP(PipelinedMLP):
+        def make_layers(self) -> list[nn.Module]:
+            return [nn.Sequential(layer, nn.Dropout(0.2)) if i < len(layers) - 1 else layer
+                    for layers in [super().make_layers()] for i, layer in enumerate(layers)]
+
+    def fit(ckpt_path: str | None = None) -> dict[str, Any]:
+        rec: dict[str, Any] = {"losses": [], "hook": []}
+
+        class Rec(pl.Callback):
+            def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+                rec["hook"].append([])
+                rec.setdefault("first_state", torch.get_rng_state())
+
+            def on_before_backward(self, trainer: Any, module: Any, loss: torch.Tensor) -> None:
+                # Before this micro-batch's backward: its graph is there, nothing has consumed it.
+                rec["hook"][-1].append((float(loss), loss.requires_grad and loss.grad_fn is not None))
+
+            def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+                rec["losses"].append(float(trainer.callback_metrics["train_loss"]))
+
+        pl.seed_everything(1234)
+        model = DropoutMLP()
+        callbacks: list[Any] = [Rec()]
+        if ckpt_path is None:
+            callbacks.append(ModelCheckpoint(dirpath=f"{tmp}/ckpt", filename="{step}", every_n_train_steps=4,
+                                             save_top_k=-1))
+        trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=ParallelCtxStrategy(
+            pipeline_parallel_size=2, print_layout=False), max_steps=8, accumulate_grad_batches=2, logger=False,
+            enable_checkpointing=ckpt_path is None, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=callbacks, num_sanity_val_steps=0)
+        # 32 samples: 4 batches of 8 per epoch, 2 optimizer steps; the step-4 checkpoint ends epoch 2.
+        trainer.fit(model, loader(8, 32), ckpt_path=ckpt_path)
+        rec["final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return rec
+
+    full = fit()
+    return {"full": full, "resumed": fit(f"{tmp}/ckpt/step=4.ckpt")}
+
+
+@pytest.fixture(scope="module")
+def runs() -> list[dict[str, Any]]:
+    return spawn(_worker, 2, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return spawn(_fit_dropout, 2, str(tmp_path_factory.mktemp("rng")), timeout=280)
+
+
+def _same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (torch.equal(a["default"]["cpu"], b["default"]["cpu"])
+            and a["streams"].keys() == b["streams"].keys()
+            and all(torch.equal(a["streams"][k]["cpu"], b["streams"][k]["cpu"]) for k in a["streams"]))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_shape_inference_draws_no_random_numbers(runs: list[dict[str, Any]], schedule: str) -> None:
+    for rank, result in enumerate(runs):
+        built, reused = result[schedule]
+        assert built["drew"] and reused["drew"], f"rank {rank}: the dropout layers drew nothing"
+        assert built["loss"] == reused["loss"], (rank, built["loss"], reused["loss"])
+        assert built["grads"].keys() == reused["grads"].keys()
+        assert all(torch.equal(built["grads"][k], reused["grads"][k]) for k in built["grads"]), rank
+        # The generators after the step are those of a step without inference, named streams included.
+        assert _same_state(built["after"], reused["after"]), rank
+
+
+def test_resume_with_dropout_is_exact(fits: list[dict[str, Any]]) -> None:
+    for rank, r in enumerate(fits):
+        full, resumed = r["full"], r["resumed"]
+        assert len(full["losses"]) == 16 and len(resumed["losses"]) == 8
+        # The resumed run restores each rank's generators and builds new stages (shape inference again).
+        assert resumed["losses"] == full["losses"][8:], (rank, resumed["losses"], full["losses"][8:])
+        assert all(torch.equal(resumed["final"][k], full["final"][k]) for k in full["final"]), rank
+        assert full["losses"][-1] < full["losses"][0]
+
+
+def test_on_before_backward_gets_each_micro_batch_loss_on_the_last_stage(fits: list[dict[str, Any]]) -> None:
+    first, last = fits[0]["full"], fits[1]["full"]  # pp rank 1 holds the last stage
+    assert all(calls == [] for calls in first["hook"]), "the first stage holds no loss"
+    assert len(last["hook"]) == len(last["losses"]) == 16
+    for calls, loss in zip(last["hook"], last["losses"]):
+        assert len(calls) == 2 and all(with_graph for _, with_graph in calls)  # 2 micro-batches
+        # scaled by 1 / (micro-batches x accumulation): the sum is Lightning's closure loss, loss / 2
+        assert abs(sum(v for v, _ in calls) * 2 - loss) < 1e-6, (calls, loss)
+
+
+def test_stages_draw_different_numbers(fits: list[dict[str, Any]]) -> None:
+    # Seeded alike, the two stages would drop the same units in their equal-shaped dropout layers.
+    first, last = fits[0]["full"]["first_state"], fits[1]["full"]["first_state"]
+    assert not torch.equal(first, last)
