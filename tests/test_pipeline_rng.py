@@ -7,7 +7,9 @@ step's masks (and every later draw) depended on whether, and how often, stages h
 named stream of lightning_parallelctx.random) with a single-stage and a V (two stages per rank)
 schedule: from the same generator states, the step that builds the stages (inference) and a step
 with the stages already built give bit-identical losses, gradients and generator states after the
-step, on every rank. What holds with dropout across layouts is in docs/pipeline.md.
+step, on every rank. With ``layer_rng_seed`` (one random stream per layer), the pp2 runs draw the
+masks of one process: losses and gradients equal a single-process run of the whole model over two
+steps. What holds with dropout across layouts is in docs/pipeline.md.
 
 Through Trainer.fit (pp2, dropout, accumulation 2): a run resumed from its step-4 checkpoint (new
 stages, so a new shape inference) repeats the uninterrupted run's losses and weights exactly, and
@@ -81,6 +83,39 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
             runs.append({"loss": loss.item(), "grads": {k: p.grad.clone() for k, p in pipe.named_parameters()},
                          "after": after, "drew": not torch.equal(before["default"]["cpu"], after["default"]["cpu"])})
         out[name] = runs
+
+    # Opt-in: one random stream per layer (layer_rng_seed): the pp2 run draws the masks of one process.
+    def make_layers() -> list[nn.Module]:
+        torch.manual_seed(0)
+        return [nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5)), nn.Sequential(nn.Linear(16, 16), StreamDropout()),
+                nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5)), nn.Linear(16, 4)]
+
+    def two_steps(pipe: Any, pipelined: bool) -> list[dict[str, Any]]:
+        prandom.get_rng_tracker().reset()  # every run starts its layer streams afresh
+        steps = []
+        for _ in range(2):  # the same batch twice: the streams move on, the masks change
+            pipe.zero_grad(set_to_none=True)
+            seed()
+            if pipelined:
+                with backward_scope(1.0):
+                    loss = pipe.loss(x, y, F.mse_loss)
+            else:
+                loss = pipe.loss(x, y, F.mse_loss)
+                loss.backward()
+            steps.append({"loss": loss.item(), "grads": {k: p.grad.clone() for k, p in pipe.named_parameters()}})
+        return steps
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 8, generator=g), torch.randn(8, 4, generator=g)
+    reference = two_steps(PipelineSequential(make_layers(), layer_rng_seed=5), False)
+    for name in SCHEDULES:
+        schedule = get_schedule(name)
+        stages = 2 * (2 if name == "zbv_zero_bubble" else 1)
+        plan = StagePlan(pp=2, num_stages=stages, placement=schedule.placement,
+                         stages=stages_of_rank(rank, 2, stages, schedule.placement), pp_rank=rank,
+                         group=dist.group.WORLD, group_ranks=[0, 1], num_microbatches=4, schedule=schedule)
+        out[f"layer_streams/{name}"] = (two_steps(PipelineSequential(make_layers(), plan, layer_rng_seed=5), True),
+                                        reference)
     dist.destroy_process_group()
     return out
 
@@ -184,3 +219,14 @@ def test_stages_draw_different_numbers(fits: list[dict[str, Any]]) -> None:
     # Seeded alike, the two stages would drop the same units in their equal-shaped dropout layers.
     first, last = fits[0]["full"]["first_state"], fits[1]["full"]["first_state"]
     assert not torch.equal(first, last)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_layer_streams_give_pp2_the_masks_of_one_process(runs: list[dict[str, Any]], schedule: str) -> None:
+    for rank, result in enumerate(runs):
+        pp2, one = result[f"layer_streams/{schedule}"]
+        assert one[0]["loss"] != one[1]["loss"]  # dropout is on: the second step draws other masks
+        for a, b in zip(pp2, one):
+            assert abs(a["loss"] - b["loss"]) < 1e-6, (rank, a["loss"], b["loss"])
+            assert a["grads"].keys() and a["grads"].keys() <= b["grads"].keys()  # this rank's layers only
+            assert max(float((a["grads"][k] - b["grads"][k]).abs().max()) for k in a["grads"]) < 1e-5, rank
