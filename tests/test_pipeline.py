@@ -19,6 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _reference import fit_recorded, max_diff  # the recorded run both sides of a comparison use
 
 from lightning_parallelctx.errors import ParallelConfigError
 from lightning_parallelctx.pipeline import (
@@ -57,30 +60,6 @@ RESUMED = "pp2-dp2-1f1b-acc2-clip"
 
 
 # ------------------------------------------------------------------------------ run in children
-def _recorder(out: dict[str, Any]) -> Any:
-    import lightning.pytorch as pl
-
-    from lightning_parallelctx.lightning import gather_full_state_dict, grad_norm
-
-    class Recorder(pl.Callback):
-        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            out.setdefault("losses", []).append(float(trainer.callback_metrics["train_loss"]))
-            acc = trainer.accumulate_grad_batches
-            if trainer.global_step == 10 and "state10" not in out and batch_idx % acc == acc - 1:
-                out["state10"] = gather_full_state_dict(module, module.parallel_context)
-
-        def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
-            out.setdefault("norms", []).append(float(grad_norm(module.parameters(), module.parallel_context)))
-
-        def on_before_zero_grad(self, trainer: Any, module: Any, optimizer: Any) -> None:
-            out["zero_grads"] = out.get("zero_grads", 0) + 1
-
-        def on_after_backward(self, trainer: Any, module: Any) -> None:
-            out["after_backward"] = out.get("after_backward", 0) + 1
-
-    return Recorder()
-
-
 def _trainer(strategy: Any, accumulate: int = 1, clip: float | None = None, callbacks: list | None = None,
              devices: int = 4, max_steps: int = STEPS) -> Any:
     import lightning.pytorch as pl
@@ -100,16 +79,10 @@ def _loader(replicas: int, n: int = 160) -> Any:
 
 def _fit(strategy: Any, accumulate: int, clip: float | None, replicas: int, devices: int,
          callbacks: list | None = None, ckpt_path: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    import lightning.pytorch as pl
-
     from examples.pipeline.model import PipelinedMLP
 
-    pl.seed_everything(1234)
-    rec: dict[str, Any] = {}
-    model = PipelinedMLP()
-    trainer = _trainer(strategy, accumulate, clip, [_recorder(rec), *(callbacks or [])], devices)
-    trainer.fit(model, _loader(replicas), ckpt_path=ckpt_path)
-    return model, trainer, rec
+    return fit_recorded(PipelinedMLP, lambda cbs: _trainer(strategy, accumulate, clip, cbs, devices), _loader(replicas),
+                        callbacks=callbacks or (), ckpt_path=ckpt_path)
 
 
 def _reference(rank: int, world_size: int) -> dict[str, Any]:
@@ -118,7 +91,6 @@ def _reference(rank: int, world_size: int) -> dict[str, Any]:
     results = {}
     for name, accumulate, clip in (("plain", 1, None), ("acc2-clip", 2, CLIP)):
         model, trainer, rec = _fit(ParallelCtxStrategy(print_layout=False), accumulate, clip, 1, 1)
-        rec["final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         rec["val"] = trainer.validate(model, _loader(1, 32), verbose=False)[0]["val_loss"]
         rec["predictions"] = torch.cat(trainer.predict(model, dataloaders=_loader(1, 32)))
         results[name] = rec
@@ -181,11 +153,6 @@ def parallel(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return spawn(_parallel, 4, str(tmp), timeout=600)
 
 
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert set(a) == set(b), set(a) ^ set(b)
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 # ------------------------------------------------------------------------------ multi-process tests
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -202,7 +169,7 @@ def test_layout_matches_single_process(layout: str, reference: dict, parallel: l
         assert max(abs(a - b) / max(b, 1e-3) for a, b in zip(r["norms"], ref["norms"])) < TOL
         # Lightning's hooks still fire: zero_grad once per window, after_backward once per batch.
         assert r["zero_grads"] == ref["zero_grads"] == STEPS and r["after_backward"] == n_micro
-        assert _max_diff(r["final"], ref["final"]) < TOL
+        assert max_diff(r["final"], ref["final"]) < TOL
     if clip:
         assert max(ref["norms"]) > 2 * clip  # clipping was active
     assert ref["losses"][-1] < ref["losses"][0]
@@ -221,7 +188,7 @@ def test_resume_validate_predict_and_consolidate(reference: dict, parallel: list
         half = len(r["losses"]) // 2
         assert len(r["resumed_losses"]) == half
         assert max(abs(a - b) for a, b in zip(r["resumed_losses"], r["losses"][half:])) < 1e-6
-        assert _max_diff(r["resumed_final_local"], r["local_final"]) < 1e-6
+        assert max_diff(r["resumed_final_local"], r["local_final"]) < 1e-6
         assert abs(r["val"] - ref["val"]) < TOL  # forward-only schedule, loss on every rank
     # predict: each data shard predicts its rows (unshuffled sampler: rows dp::2), on every pipeline rank
     # (order "tp-sp-ep-dp-pp": rank = dp + 2 pp).
@@ -232,8 +199,8 @@ def test_resume_validate_predict_and_consolidate(reference: dict, parallel: list
     files = runs[0]["ckpt_files"]
     assert {".metadata", "meta.pt", "COMPLETE"} <= set(files), files
     assert sum(f.endswith(".distcp") for f in files) == len(runs), files
-    assert _max_diff(runs[0]["consolidated10"], ref["state10"]) < TOL
-    assert all(_max_diff(r["reloaded10"], ref["state10"]) < TOL for r in runs)
+    assert max_diff(runs[0]["consolidated10"], ref["state10"]) < TOL
+    assert all(max_diff(r["reloaded10"], ref["state10"]) < TOL for r in runs)
 
 
 # ------------------------------------------------------------------------------ no processes
@@ -256,6 +223,28 @@ def test_every_torch_schedule_is_registered() -> None:
     assert get_schedule(ScheduleGPipe).name == "gpipe"
     assert get_schedule("lightning_parallelctx.pipeline.schedule.GPipeSchedule").name == "gpipe"
     assert isinstance(get_schedule({"class_path": "lightning_parallelctx.pipeline.schedule.OneFOneBSchedule"}), Schedule)
+
+
+def test_register_schedule_refuses_what_is_not_a_schedule() -> None:
+    from lightning_parallelctx.pipeline import register_schedule
+
+    class NoName:  # no ``name`` attribute, not a Schedule: a clear TypeError (was AttributeError)
+        pass
+
+    for call in (lambda: register_schedule("", NoName), lambda: register_schedule(None, NoName),
+                 lambda: register_schedule(NoName), lambda: register_schedule("x")(NoName),
+                 lambda: register_schedule("", NoName())):
+        with pytest.raises(TypeError, match="is not a Schedule subclass; subclass lightning_parallelctx.pipeline.Schedule"):
+            call()
+
+    class Unnamed(Schedule):  # a Schedule without a name registers under its lower-cased class name
+        def forward_backward_step(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+    assert register_schedule("", Unnamed) is Unnamed and "unnamed" in available_schedules()
+    assert type(get_schedule("unnamed")) is Unnamed
+    with pytest.raises(TypeError, match="name must be a non-empty string, got 3"):
+        register_schedule(3, Unnamed)
 
 
 @pytest.mark.parametrize("args, match", [

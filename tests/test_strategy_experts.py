@@ -16,8 +16,8 @@ a constant gradient scale, so the losses alone would hide a wrongly scaled exper
 full-model gradient norm compared at every step does not (tp2-ep2, where 'expert_replica' is one
 rank, once left the expert gradients unscaled: losses matched, norms were 18% off).
 
-Helpers (recorder, trainer, data, packing) come from test_strategy.py; see its docstring for the
-data order (docs/traps.md #17).
+The recorded run comes from tests/_reference.py, the trainer and model from test_strategy.py; see
+its docstring for the data order (docs/traps.md #17).
 """
 
 from __future__ import annotations
@@ -34,12 +34,11 @@ if str(ROOT) not in sys.path:  # the example lives in examples/gpt (importable f
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _reference import fit_recorded, max_diff  # the recorded run both sides of a comparison use
 from test_strategy import (  # helpers only: an imported test_* name would be collected here too
     STEPS,
     TOL,
-    _max_diff,
     _model_class,
-    _recorder,
     _trainer,
 )
 
@@ -94,22 +93,20 @@ def _routing_recorder(out: dict[str, Any]) -> Any:
     return Routing()
 
 
-def _reference(rank: int, world_size: int) -> bytes:
-    import lightning.pytorch as pl
+def _model() -> Any:
+    return _model_class()(**MODEL)
 
+
+def _reference(rank: int, world_size: int) -> bytes:
     from lightning_parallelctx import ParallelCtxStrategy
 
-    pl.seed_everything(1234)
-    rec: dict[str, Any] = {}
-    model = _model_class()(**MODEL)
-    trainer = _trainer(ParallelCtxStrategy(), callbacks=[_recorder(rec), _routing_recorder(rec)], devices=1)
-    trainer.fit(model, _data())
-    rec["final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return rec
+    routing: dict[str, Any] = {}
+    _, _, rec = fit_recorded(_model, lambda cbs: _trainer(ParallelCtxStrategy(), callbacks=cbs, devices=1), _data(),
+                             callbacks=[_routing_recorder(routing)])
+    return {**rec, **routing}
 
 
 def _parallel(rank: int, world_size: int, tmp: str) -> bytes:
-    import lightning.pytorch as pl
     import torch.distributed as dist
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -122,15 +119,12 @@ def _parallel(rank: int, world_size: int, tmp: str) -> bytes:
 
     res: dict[str, Any] = {}
     for name, sizes in LAYOUTS.items():
-        pl.seed_everything(1234)
-        rec: dict[str, Any] = {}
-        model = _model_class()(**MODEL)
-        callbacks = [_recorder(rec)]
+        callbacks = []
         if name == "ep2-dp2":
             callbacks.append(ModelCheckpoint(dirpath=f"{tmp}/ckpt", filename="{step}", every_n_train_steps=10,
                                              save_top_k=-1))
-        trainer = _trainer(ParallelCtxStrategy(**sizes), callbacks=callbacks)
-        trainer.fit(model, _data())
+        model, trainer, rec = fit_recorded(_model, lambda cbs: _trainer(ParallelCtxStrategy(**sizes), callbacks=cbs),
+                                           _data(), callbacks=callbacks)
         ctx = model.parallel_context
         sampler = trainer.train_dataloader.sampler
         rec["sampler"] = (sampler.num_replicas, sampler.rank)
@@ -140,13 +134,10 @@ def _parallel(rank: int, world_size: int, tmp: str) -> bytes:
         rec["local_final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if name == "ep2-dp2":
             # Resume from the step-10 sharded checkpoint with a new Trainer (and strategy) to step 20.
-            pl.seed_everything(1234)
-            resumed: dict[str, Any] = {}
-            model2 = _model_class()(**MODEL)
-            t2 = _trainer(ParallelCtxStrategy(**sizes), callbacks=[_recorder(resumed)])
-            t2.fit(model2, _data(), ckpt_path=f"{tmp}/ckpt/step=10.ckpt")
+            _, _, resumed = fit_recorded(_model, lambda cbs: _trainer(ParallelCtxStrategy(**sizes), callbacks=cbs),
+                                         _data(), ckpt_path=f"{tmp}/ckpt/step=10.ckpt")
             rec["resumed_losses"] = resumed["losses"]
-            rec["resumed_final_local"] = {k: v.detach().clone() for k, v in model2.state_dict().items()}
+            rec["resumed_final_local"] = resumed["final"]
             if rank == 0:
                 consolidate_to_file(f"{tmp}/ckpt/step=10.ckpt", f"{tmp}/full10.ckpt")
                 rec["ckpt_files"] = sorted(p.name for p in Path(f"{tmp}/ckpt/step=10.ckpt").iterdir())
@@ -154,7 +145,7 @@ def _parallel(rank: int, world_size: int, tmp: str) -> bytes:
         res[name] = rec
 
     # The consolidated (full) step-10 checkpoint, re-sharded on load into ep4 (one expert per rank).
-    model3 = _model_class()(**MODEL)
+    model3 = _model()
     t3 = _trainer(ParallelCtxStrategy(expert_parallel_size=4))
     t3.validate(model3, _data(), ckpt_path=f"{tmp}/full10.ckpt", verbose=False)
     res["ep4_experts_per_rank"] = model3.gpt.blocks[0].moe.w1.shape[0]
@@ -186,8 +177,8 @@ def test_expert_layout_matches_single_process(layout: str, reference: dict, para
         assert max(abs(a - b) / max(b, 1e-3) for a, b in zip(r["norms"], ref["norms"])) < TOL
     assert ref["losses"][-1] < ref["losses"][0] - 0.1  # it learns something
     for r in runs:  # the full weights, from Lightning's consolidation and from the nn markers
-        assert _max_diff(r["final"], ref["final"]) < TOL
-        assert _max_diff({f"gpt.{k}": v for k, v in r["final_markers"].items()}, ref["final"]) < TOL
+        assert max_diff(r["final"], ref["final"]) < TOL
+        assert max_diff({f"gpt.{k}": v for k, v in r["final_markers"].items()}, ref["final"]) < TOL
     # The experts really are split: EXPERT ranks hold different halves of the stacked experts.
     w1 = [r["local_final"]["gpt.blocks.0.moe.w1"] for r in runs]
     assert all(w.shape[0] == NUM_EXPERTS // 2 for w in w1)
@@ -211,8 +202,8 @@ def test_expert_checkpoint_resume_and_consolidation(reference: dict, parallel: l
     for r in runs:  # step 10 -> 20 after resuming == the last 10 steps of the uninterrupted run
         assert len(r["resumed_losses"]) == STEPS // 2
         assert max(abs(a - b) for a, b in zip(r["resumed_losses"], r["losses"][STEPS // 2:])) < 1e-6
-        assert _max_diff(r["resumed_final_local"], r["local_final"]) < 1e-6
-        assert _max_diff(r["state10"], reference["state10"]) < TOL
+        assert max_diff(r["resumed_final_local"], r["local_final"]) < 1e-6
+        assert max_diff(r["state10"], reference["state10"]) < TOL
     # The consolidated step-10 checkpoint, re-sharded into ep4, is the reference at step 10.
     assert parallel[0]["ep4_experts_per_rank"] == 1
-    assert _max_diff(parallel[0]["resharded_ep4"], reference["state10"]) < TOL
+    assert max_diff(parallel[0]["resharded_ep4"], reference["state10"]) < TOL

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import torch
 
-from ..registry import register_class
+from ..registry import default_name, register_class
 
 if TYPE_CHECKING:
     from ..context import ParallelContext
@@ -117,18 +117,14 @@ def register_gradient_handler(name: Any = None, cls: Any = None, *, override: bo
     taking a name held by another class needs ``override=True``.
     """
     if isinstance(name, type):  # bare decorator
-        return _register(_default_name(name), name, override)
+        return _register(default_name(name), name, override)
     if cls is not None:
         return _register(name, cls, override)
 
     def decorator(klass: H) -> H:
-        return _register(name if name is not None else _default_name(klass), klass, override)
+        return _register(name if name is not None else default_name(klass), klass, override)
 
     return decorator
-
-
-def _default_name(cls: type) -> str:
-    return getattr(cls, "name", None) or cls.__name__.lower()
 
 
 def _register(name: str, cls: Any, override: bool) -> Any:

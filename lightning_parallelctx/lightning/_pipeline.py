@@ -13,7 +13,11 @@ A pipeline schedule computes the gradients inside ``training_step``, so the stra
 - after a zero-bubble schedule, which assigns weight gradients outside autograd's accumulation so
   post-accumulate-grad hooks never fire (docs/traps.md #22), replays one zero accumulation per
   parameter: every hook-based gradient handler then knows the parameter has a gradient;
-- calls ``on_before_backward`` / ``on_after_backward`` after the schedule (the gradients exist then).
+- calls ``on_before_backward`` on the last stage with each micro-batch's scaled loss (graph
+  attached) just before torch runs its backward, from the schedule's loss function: the losses one
+  batch passes sum to the loss Lightning passes at pp = 1 (its closure loss, divided by the
+  accumulation); the other stages hold no loss and get no call. ``on_after_backward`` runs once per
+  batch on every rank, after the schedule (the gradients exist then).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from lightning.pytorch.trainer import call
 
 from ..errors import ParallelConfigError
 from ..pipeline import PipelineConfig, PipelineSequential, StagePlan, backward_scope
+from ..random import derive_seed
 
 __all__ = ["PipelineRuntime", "find_pipes", "is_ddp_handler"]
 
@@ -95,6 +100,8 @@ class PipelineRuntime:
     def setup_fit(self, trainer: Any) -> None:
         if self.active:
             trainer.fit_loop._skip_backward = True
+            assert self.plan is not None
+            _decorrelate_stages(self.plan.pp_rank)
             for pipe in find_pipes(trainer.lightning_module):
                 pipe.sync_tied_weights()  # tied copies on the first and last stage start equal
 
@@ -110,7 +117,12 @@ class PipelineRuntime:
             auto._on_before_zero_grad(optimizers[0])
             auto._optimizer_zero_grad(loop.batch_idx, optimizers[0])
         sync_off = handler.no_sync() if handler is not None else _null()
-        with sync_off, backward_scope(1.0 / accumulate):
+
+        def before_backward(loss: torch.Tensor) -> None:
+            call._call_callback_hooks(trainer, "on_before_backward", loss)
+            call._call_lightning_module_hook(trainer, "on_before_backward", loss)
+
+        with sync_off, backward_scope(1.0 / accumulate, before_backward):
             output = run()
             assert self.plan is not None
             if self.plan.schedule.writes_weight_grads_directly:
@@ -120,11 +132,19 @@ class PipelineRuntime:
                     pipe.reduce_tied_grads()  # once per optimizer step: each stage saw its own use
         loss = output.get("loss") if isinstance(output, dict) else output
         if isinstance(loss, torch.Tensor):
-            call._call_callback_hooks(trainer, "on_before_backward", loss)
-            call._call_lightning_module_hook(trainer, "on_before_backward", loss)
             call._call_callback_hooks(trainer, "on_after_backward")
             call._call_lightning_module_hook(trainer, "on_after_backward")
         return output
+
+
+def _decorrelate_stages(pp_rank: int) -> None:
+    """Pipeline rank r > 0 re-seeds its default generator from (seed, r), as Megatron offsets its
+    seed by the pipeline rank: seeded alike (seed_everything), every stage would draw the same
+    numbers, so dropout layers of equal shape on different stages would drop the same units. Done
+    after the model is built (initial weights are unchanged); a resumed fit then restores each
+    rank's saved generators."""
+    if pp_rank > 0:
+        torch.manual_seed(derive_seed(torch.initial_seed(), "pipeline", (pp_rank,)))
 
 
 def _replay_accumulation(module: torch.nn.Module) -> None:

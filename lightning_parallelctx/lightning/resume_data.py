@@ -73,3 +73,22 @@ def batches_already_run(trainer: Any) -> int:
     after the epoch loop's reset. Only a restarting loop continues an epoch."""
     loop = trainer.fit_loop.epoch_loop
     return int(loop.batch_progress.current.ready) if loop.restarting else 0
+
+
+def restart_epoch_iterator_if_done(trainer: Any) -> bool:
+    """Re-create the training iterator when the restored epoch has no batch left (the checkpoint was
+    saved after its last batch); returns whether it did.
+
+    Lightning creates the resumed run's iterator in ``FitLoop.setup_data``, before the strategy
+    restores the random generators (on_train_start), and uses it for the next epoch; the
+    uninterrupted run created that epoch's iterator after the save, and a ``DataLoader`` iterator
+    draws its base seed from the default generator when it is created. Without this the resumed
+    run's generators were one draw behind: every dropout mask differed (docs/pipeline.md)."""
+    loop = trainer.fit_loop
+    fetcher = getattr(loop, "_data_fetcher", None)
+    if fetcher is None or not loop.epoch_loop.restarting:
+        return False
+    if batches_already_run(trainer) < loop.max_batches:
+        return False  # mid-epoch: the uninterrupted run drew this epoch's seed before the save too
+    iter(fetcher)
+    return True

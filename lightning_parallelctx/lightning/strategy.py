@@ -65,7 +65,7 @@ from .fsdp import check_marks_kept, shard_model
 from .mesh import lightning_device_mesh
 from .meta import materialize_meta
 from .batch_check import BatchCheck
-from .resume_data import batches_already_run, make_resumable
+from .resume_data import batches_already_run, make_resumable, restart_epoch_iterator_if_done
 
 _SIZE_NAMES = ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size", "expert_parallel_size")
 
@@ -572,6 +572,8 @@ class ParallelCtxStrategy(ParallelStrategy):
         if self._rng_state is not None:
             set_rng_state(self._rng_state)
             self._rng_state = None
+            # Saved after an epoch's last batch: the next epoch's iterator draws from the restored state.
+            restart_epoch_iterator_if_done(self.lightning_module.trainer)
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:

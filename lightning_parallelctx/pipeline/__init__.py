@@ -20,7 +20,8 @@ from .schedule import (
     get_schedule,
     register_schedule,
 )
-from .sequential import PipelineSequential, StagePlan, backward_scope, stage_plan
+from .scope import backward_scope, call_before_backward
+from .sequential import PipelineSequential, StagePlan, stage_plan
 
 __all__ = [
     "DEFAULT_SCHEDULE",
@@ -34,6 +35,7 @@ __all__ = [
     "TorchSchedule",
     "available_schedules",
     "backward_scope",
+    "call_before_backward",
     "get_schedule",
     "last_stage_rank",
     "layer_ranges",

@@ -35,8 +35,10 @@ import torch.distributed as dist
 from torch.distributed import pipelining as _pp
 
 from ..errors import ParallelConfigError
-from ..registry import register_class
+from ..registry import default_name, register_class
 from .placement import Placement
+from .scope import call_before_backward
+from .stage import RngNeutralStage, in_shape_inference
 
 if TYPE_CHECKING:
     from .sequential import PipelineSequential
@@ -161,6 +163,7 @@ class TorchSchedule(Schedule):
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self._loss_fn: LossFn | None = None
         self._scale = 1.0
+        self._backward = False
 
     def __deepcopy__(self, memo: dict) -> TorchSchedule:
         # A template: a copy starts without stages (they hold process groups and modules).
@@ -175,12 +178,16 @@ class TorchSchedule(Schedule):
     # -- the loss torch calls on the last stage: the user's, scaled once
     def _scaled_loss(self, output: Any, target: torch.Tensor) -> torch.Tensor:
         assert self._loss_fn is not None
-        return self._loss_fn(output, target) * self._scale
+        loss = self._loss_fn(output, target) * self._scale
+        if self._backward and not in_shape_inference():
+            call_before_backward(loss)  # torch runs this micro-batch's backward right after
+        return loss
 
     def _build(self, pipe: PipelineSequential, mode: str) -> Any:
         plan = pipe.plan
+        # Shape inference must not draw random numbers (dropout masks would change, stage.py).
         stages = [
-            _pp.PipelineStage(module, stage_id, plan.num_stages, pipe.device, group=plan.group)
+            RngNeutralStage(module, stage_id, plan.num_stages, pipe.device, group=plan.group)
             for stage_id, module in pipe.local_stages()
         ]
         loss_fn = self._scaled_loss if mode != "predict" else None
@@ -212,7 +219,7 @@ class TorchSchedule(Schedule):
         sched = self._schedule_for(pipe, mode, args)
         # Each micro-batch loss is a mean over its samples: dividing by the micro-batch count makes
         # the summed gradients those of the whole batch's mean, once (scale_grads=False, docs/traps.md #21).
-        self._loss_fn, self._scale = loss_fn, float(loss_scale) / plan.num_microbatches
+        self._loss_fn, self._scale, self._backward = loss_fn, float(loss_scale) / plan.num_microbatches, backward
         kwargs: dict[str, Any] = {"target": target} if with_loss else {}
         losses: list[torch.Tensor] = []
         try:
@@ -221,7 +228,7 @@ class TorchSchedule(Schedule):
             else:
                 output = sched.eval(*args, **kwargs, losses=losses if with_loss else None)
         finally:
-            self._loss_fn = None
+            self._loss_fn, self._backward = None, False
         holder = plan.last_stage_group_rank
         if not with_loss:
             return StepResult(None, backward, _broadcast_object(output, holder, plan))
@@ -325,15 +332,16 @@ ScheduleSpec = str | type | Schedule | Mapping[str, Any]
 
 
 def register_schedule(name: str | None = None, cls: type[Schedule] | None = None, *, override: bool = False) -> Any:
-    """Register a :class:`Schedule` subclass under ``name`` (default: its ``name`` attribute).
+    """Register a :class:`Schedule` subclass under ``name`` (default: its ``name`` attribute, else its
+    lower-cased class name).
 
     ``register_schedule("mine", MySchedule)`` or as a decorator, ``@register_schedule("mine")``.
     """
     if isinstance(name, type):
-        return _register(name.name or name.__name__.lower(), name, override)
+        return _register(default_name(name), name, override)
     if cls is not None:
-        return _register(name or cls.name, cls, override)
-    return lambda klass: _register(name or klass.name or klass.__name__.lower(), klass, override)
+        return _register(name or default_name(cls), cls, override)
+    return lambda klass: _register(name or default_name(klass), klass, override)
 
 
 def _register(name: str, cls: Any, override: bool) -> Any:

@@ -23,17 +23,18 @@ whose loss Lightning back-propagates) and at pp>1.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .layer_rng import LayerStreams
 from .placement import Placement, last_stage_rank, layer_ranges, stage_rank, stages_of_rank
 from .schedule import LossFn, NonPipelineSchedule, Schedule
+from .scope import backward_scale, backward_scope
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -81,39 +82,29 @@ def stage_plan(module: Any) -> StagePlan:
     return plan if isinstance(plan, StagePlan) else StagePlan()
 
 
-# ---------------------------------------------------------------------------------- backward scope
-_scope = threading.local()
-
-
-@contextmanager
-def backward_scope(loss_scale: float = 1.0) -> Iterator[None]:
-    """Inside, :meth:`PipelineSequential.loss` at pp > 1 runs the schedule with backward, each
-    micro-batch loss multiplied by ``loss_scale`` (the strategy passes 1 / accumulate_grad_batches)."""
-    previous = getattr(_scope, "scale", None)
-    _scope.scale = float(loss_scale)
-    try:
-        yield
-    finally:
-        _scope.scale = previous
-
-
-def _backward_scale() -> float | None:
-    return getattr(_scope, "scale", None)
-
-
 # ---------------------------------------------------------------------------------- the module
+def _run_chain(indices: Sequence[int], layers: Sequence[nn.Module], args: tuple[Any, ...],
+               streams: LayerStreams | None) -> Any:
+    """Each layer takes the previous one's output (a tuple is spread); with ``streams``, each runs
+    on its own random stream (layer_rng.py)."""
+    x: Any = args
+    for i, layer in zip(indices, layers):
+        with streams.around(i) if streams is not None else nullcontext():
+            x = layer(*x) if isinstance(x, tuple) else layer(x)
+    return x
+
+
 class _Stage(nn.Module):
     """Consecutive layers that one ``PipelineStage`` runs."""
 
-    def __init__(self, layers: Sequence[nn.Module]) -> None:
+    def __init__(self, layers: Sequence[nn.Module], indices: Sequence[int], streams: LayerStreams | None) -> None:
         super().__init__()
         self.chain = nn.ModuleList(layers)
+        self.indices = list(indices)
+        self.streams = streams
 
     def forward(self, *args: Any) -> Any:
-        x: Any = args
-        for layer in self.chain:
-            x = layer(*x) if isinstance(x, tuple) else layer(x)
-        return x
+        return _run_chain(self.indices, self.chain, args, self.streams)
 
 
 def _materialize(layer: nn.Module, device: torch.device) -> nn.Module:
@@ -171,11 +162,15 @@ class PipelineSequential(nn.Module):
             (its index in the full model: draw from a generator seeded by it to get the same weights
             at every pipeline size). Needed when layers are on the meta device.
         device: where local layers are materialised (default: CPU; the strategy moves the module).
+        tied: groups of parameter names that are one weight (see :meth:`_tie`).
+        layer_rng_seed: run each layer on its own random stream seeded by (this, layer index), so
+            dropout masks are the same at every pipeline size on CPU (layer_rng.py); default: the
+            default generator, as a plain ``nn.Sequential``.
     """
 
     def __init__(self, layers: Sequence[nn.Module] | Mapping[str, nn.Module], plan: StagePlan | None = None,
                  init: Callable[[int, nn.Module], None] | None = None, device: torch.device | str | None = None,
-                 tied: Sequence[Sequence[str]] = ()) -> None:
+                 tied: Sequence[Sequence[str]] = (), layer_rng_seed: int | None = None) -> None:
         super().__init__()
         if isinstance(layers, Mapping):
             names, full = list(layers.keys()), list(layers.values())
@@ -212,7 +207,9 @@ class PipelineSequential(nn.Module):
         self._local_indices = [i for i, _ in local]
         # Stage wrappers share the layers but are not registered: names stay the declared ones.
         by_index = dict(local)
-        object.__setattr__(self, "_stages", [(s, _Stage([by_index[i] for i in range(*ranges[s])])) for s in plan.stages])
+        self.layer_streams = LayerStreams(layer_rng_seed) if layer_rng_seed is not None else None
+        object.__setattr__(self, "_stages", [(s, _Stage([by_index[i] for i in range(*ranges[s])], range(*ranges[s]),
+                                                        self.layer_streams)) for s in plan.stages])
         object.__setattr__(self, "_chain", [m for _, m in local])
         self._tie(tied, names, tied_specs, ranges)
 
@@ -310,10 +307,7 @@ class PipelineSequential(nn.Module):
         if self.is_pipelined:
             raise RuntimeError("run_layers() needs every layer on this rank; at pp > 1 call pipe(inputs) "
                                "or pipe.loss(inputs, target, loss_fn), which run the schedule")
-        x: Any = args
-        for layer in self._chain:
-            x = layer(*x) if isinstance(x, tuple) else layer(x)
-        return x
+        return _run_chain(self._local_indices, self._chain, args, self.layer_streams)
 
     def forward(self, *args: Any) -> Any:
         """The model's output. At pp > 1 a forward-only pass of the schedule, whose output (on the last
@@ -334,7 +328,7 @@ class PipelineSequential(nn.Module):
             args = tuple(inputs)
         if target is None or loss_fn is None:
             raise TypeError("pipe.loss(*inputs, target, loss_fn): a target tensor and a loss function are needed")
-        scale = _backward_scale()
+        scale = backward_scale()
         result = self.plan.schedule.forward_backward_step(
             self, tuple(args), target, loss_fn, backward=scale is not None and self.is_pipelined,
             loss_scale=1.0 if scale is None else scale)
