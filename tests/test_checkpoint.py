@@ -387,6 +387,91 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(killed: Path) -> 
     assert sorted(os.listdir(killed / "kill")) == ["last.ckpt", "step=2.ckpt", "step=4.ckpt", "step=6.ckpt"]
 
 
+def _killed_between_renames_job(rank: int, world_size: int, tmp: str) -> None:
+    """Checkpoints every 2 steps with last.ckpt; rank 0 (which commits) dies in the step-4 save of
+    last.ckpt between its two renames: last.ckpt moved to .last.ckpt.old, the complete new copy
+    still .last.ckpt.partial, no last.ckpt."""
+    import signal
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class DieBetweenRenames(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if rank == 0 and trainer.global_step == 4:
+                real = os.rename
+
+                def rename_then_die(src: Any, dst: Any) -> None:
+                    real(src, dst)
+                    if Path(src).name == "last.ckpt" and Path(dst).name == ".last.ckpt.old":
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+                os.rename = rename_then_die
+
+    ck = ModelCheckpoint(dirpath=f"{tmp}/kill", filename="{step}", every_n_train_steps=2, save_top_k=-1, save_last=True)
+    _train({"data_parallel_size": 2}, SMALL, [DieBetweenRenames(), ck], devices=2, max_steps=6, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def killed_between_renames(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("renames")
+    with pytest.raises(RankFailure) as failure:
+        spawn(_killed_between_renames_job, 2, str(tmp), timeout=180)
+    assert "rank 0 exited with code -9" in str(failure.value), str(failure.value)[-2000:]
+    return tmp
+
+
+def test_last_resumes_from_a_replacement_cut_between_its_renames(killed_between_renames: Path) -> None:
+    from lightning_parallelctx.lightning import atomic
+    from lightning_parallelctx.lightning.checkpoint import consolidate_checkpoint
+
+    d = killed_between_renames / "kill"
+    names = sorted(os.listdir(d))
+    # No last.ckpt: Lightning's "last" lookup alone finds nothing and would train from step 0.
+    assert names == [".last.ckpt.old", ".last.ckpt.partial", "step=2.ckpt", "step=4.ckpt"], names
+    assert atomic.is_complete(d / ".last.ckpt.partial") and atomic.is_complete(d / ".last.ckpt.old")
+    # The one-process reader picks the newest complete copy as well.
+    assert consolidate_checkpoint(d / "last.ckpt")["global_step"] == 4
+    step4 = consolidate_checkpoint(d / "step=4.ckpt")["state_dict"]
+    runs = spawn(_resume_last_job, 2, str(killed_between_renames), timeout=180)
+    for r in runs:
+        assert r["step"] == 4 and r["end"] == 6
+        assert all(torch.equal(v, step4[k]) for k, v in r["weights"].items())
+    # Recovered before the fit (rolled forward, the stale .old dropped), then saved again as usual.
+    assert sorted(os.listdir(d)) == ["last.ckpt", "step=2.ckpt", "step=4.ckpt", "step=6.ckpt"]
+    assert consolidate_checkpoint(d / "last.ckpt")["global_step"] == 6
+
+
+def test_recover_is_safe_from_every_rank_at_once(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lightning_parallelctx.lightning import atomic
+    from lightning_parallelctx.lightning.resume_path import recover_before_resolve
+
+    final = tmp_path / "last.ckpt"
+
+    def left(partial_marked: bool) -> None:
+        for d, text in ((atomic.old_dir(final), "old"), (atomic.partial_dir(final), "new")):
+            d.mkdir()
+            (d / "data").write_text(text)
+        (atomic.old_dir(final) / atomic.MARKER).write_text("")
+        if partial_marked:
+            (atomic.partial_dir(final) / atomic.MARKER).write_text("")
+
+    # The marked .partial is the newest complete copy: rolled forward by exactly one of 8 callers.
+    left(partial_marked=True)
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda _: atomic.recover(final), range(8)))
+    assert won.count(True) == 1 and (final / "data").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    # An unmarked .partial (killed before the marker) is never used: the complete .old comes back.
+    atomic.remove(final)
+    left(partial_marked=False)
+    assert atomic.resolve_complete(final) == atomic.old_dir(final)
+    assert recover_before_resolve(None, str(final)) == [final] and (final / "data").read_text() == "old"
+    assert recover_before_resolve(None, str(final)) == []  # nothing left to do
+
+
 def _damage(src: Path, dst: Path, how: str) -> Path:
     import shutil
 
