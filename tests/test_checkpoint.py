@@ -169,6 +169,34 @@ def _layouts_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     return res
 
 
+PP2_DP2 = {"pipeline_parallel_size": 2, "data_parallel_size": 2}
+#: Where the pp2-dp2 (1F1B, one stage per rank) step-10 checkpoint resumes. MODEL is 5 pipeline layers
+#: (tok, pos, blocks.0, ln_f, head): pp2 holds 3 + 2, pp4 2 + 1 + 1 + 1, interleaved pp2 x 2 virtual
+#: stages 2 + 1 + 1 + 1 placed in a loop (rank 0 holds layers 0-1 and 3).
+PIPELINE_RESUME_AT = {"tp2-dp2": RESUME_AT["tp2-dp2"],
+                      "pp4": {"pipeline_parallel_size": 4},
+                      "pp1-dp4": {"data_parallel_size": 4},
+                      "pp2-dp2-interleaved-v2": {**PP2_DP2, "pipeline_schedule": "interleaved_1f1b",
+                                                 "virtual_pipeline_size": 2}}
+
+
+def _pipeline_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    res: dict[str, Any] = {}
+    every10 = ModelCheckpoint(dirpath=f"{tmp}/pp", filename="{step}", every_n_train_steps=10, save_top_k=-1)
+    model, _, losses = _train(PP2_DP2, MODEL, [every10])
+    res["losses"], res["final"] = losses, _full(model)
+    for name, sizes in PIPELINE_RESUME_AT.items():
+        model, trainer, resumed = _train(sizes, MODEL, [], ckpt_path=f"{tmp}/pp/step=10.ckpt")
+        res[name] = {"losses": resumed, "final": _full(model), "step": trainer.global_step}
+    # The other way: the layouts job's tp2-dp2 step-10 checkpoint resumed with pipeline stages.
+    for name, sizes in (("pp2-dp2", PP2_DP2), ("pp2-dp2-interleaved-v2", PIPELINE_RESUME_AT["pp2-dp2-interleaved-v2"])):
+        model, trainer, resumed = _train(sizes, MODEL, [], ckpt_path=f"{tmp}/ck/step=10.ckpt")
+        res[f"tp2-dp2->{name}"] = {"losses": resumed, "final": _full(model), "step": trainer.global_step}
+    return res
+
+
 def _plain_trainer_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     """One process, no strategy of ours: continue from the consolidated step-16 checkpoint."""
     import lightning.pytorch as pl
@@ -259,6 +287,12 @@ def layouts(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, An
     return spawn(_layouts_job, 4, str(tmp), timeout=800), tmp
 
 
+@pytest.fixture(scope="module")
+def pipeline_resumes(layouts: tuple) -> list[dict[str, Any]]:
+    _, tmp = layouts  # its tp2-dp2 step-10 checkpoint is resumed with stages too
+    return spawn(_pipeline_job, 4, str(tmp), timeout=600)
+
+
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert set(a) == set(b), set(a) ^ set(b)
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
@@ -306,6 +340,29 @@ def test_resume_at_another_layout(layout: str, layouts: tuple) -> None:
         assert max(abs(a - b) for a, b in zip(resumed["losses"], r["losses"][10:])) < TOL
     # The optimizer's moments came back too: without them the losses after step 10 drift by ~1e-2.
     assert _max_diff(runs[0][f"resumed_{layout}"]["final"], runs[0]["final"]) < TOL
+
+
+@pytest.mark.parametrize("layout", list(PIPELINE_RESUME_AT))
+def test_pipeline_checkpoint_resumes_at_another_layout(layout: str, pipeline_resumes: list) -> None:
+    # pp2-dp2 saved at step 10 (mid-epoch), resumed at tp2-dp2, pp4, pp1 and with interleaved virtual
+    # stages: every rank's losses after the resume and the final full weights = the uninterrupted run.
+    for r in pipeline_resumes:
+        resumed = r[layout]
+        assert resumed["step"] == STEPS and len(resumed["losses"]) == STEPS - 10
+        assert max(abs(a - b) for a, b in zip(resumed["losses"], r["losses"][10:])) < TOL, \
+            (resumed["losses"][:3], r["losses"][10:13])
+        assert _max_diff(resumed["final"], r["final"]) < TOL
+
+
+@pytest.mark.parametrize("layout", ["pp2-dp2", "pp2-dp2-interleaved-v2"])
+def test_tensor_parallel_checkpoint_resumes_with_pipeline_stages(layout: str, layouts: tuple,
+                                                                 pipeline_resumes: list) -> None:
+    runs, _ = layouts
+    for r, ref in zip(pipeline_resumes, runs):
+        resumed = r[f"tp2-dp2->{layout}"]
+        assert resumed["step"] == STEPS and len(resumed["losses"]) == STEPS - 10
+        assert max(abs(a - b) for a, b in zip(resumed["losses"], ref["losses"][10:])) < TOL
+    assert _max_diff(pipeline_resumes[0][f"tp2-dp2->{layout}"]["final"], runs[0]["final"]) < TOL
 
 
 def test_consolidated_file_resumes_at_another_layout(layouts: tuple) -> None:
