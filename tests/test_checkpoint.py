@@ -324,6 +324,56 @@ def test_same_layout_mid_epoch_resume_is_bit_exact(layouts: tuple) -> None:
     assert not torch.equal(runs[0]["rng10"]["streams"]["tensor"]["cpu"], runs[1]["rng10"]["streams"]["tensor"]["cpu"])
 
 
+def _seeded_tensor_stream(tp_rank: int) -> torch.Tensor:
+    from lightning_parallelctx.random import RNGStreams, derive_seed
+
+    streams = RNGStreams()
+    streams.add("tensor", derive_seed(7, "tensor", (tp_rank,)))  # what _rng_probe's model_parallel_seed(7) makes
+    return streams.get_state()["tensor"]["cpu"]
+
+
+def test_rng_streams_at_another_layout(layouts: tuple) -> None:
+    runs, _ = layouts
+    saved = [r["rng10"] for r in runs]  # tp2-dp2, tensor innermost: saved rank r has tensor rank r % 2
+    # The default generator was the same on every saved rank: every rank continues it at any layout.
+    assert all(torch.equal(s["default"]["cpu"], saved[0]["default"]["cpu"]) for s in saved)
+    for name in ("tp4", "dp4", "sp2-dp2", "tp2-dp2-dp-inner"):
+        for r in runs:
+            assert torch.equal(r[f"resumed_{name}"]["rng_start"]["default"]["cpu"], saved[0]["default"]["cpu"]), name
+    # The per-tensor-rank streams come back where the tensor size is unchanged: with data innermost,
+    # new rank n has tensor rank n // 2 and continues the saved stream of tensor rank n // 2.
+    for n, r in enumerate(runs):
+        got = r["resumed_tp2-dp2-dp-inner"]["rng_start"]["streams"]
+        assert all(torch.equal(got[s]["cpu"], saved[n // 2]["streams"][s]["cpu"]) for s in ("tensor", "sequence", "expert"))
+    # At tp4 (tensor size changed) no saved stream made these ranks' draws: each keeps the stream the
+    # resumed run seeded, distinct per tensor rank.
+    for n, r in enumerate(runs):
+        assert torch.equal(r["resumed_tp4"]["rng_start"]["streams"]["tensor"]["cpu"], _seeded_tensor_stream(n))
+        assert torch.equal(r["resumed_dp4"]["rng_start"]["streams"]["tensor"]["cpu"], _seeded_tensor_stream(0))
+
+
+def test_rng_map_rule() -> None:
+    from lightning_parallelctx.layout import RankLayout
+    from lightning_parallelctx.rng_map import source_rank, varying_axes
+
+    tp2_dp2 = RankLayout.build(4, tensor=2)
+    assert varying_axes(["a"] * 4, tp2_dp2) == ()
+    assert varying_axes(["a", "b", "a", "b"], tp2_dp2) == ("tensor",)
+    assert varying_axes(["a", "b", "c", "d"], tp2_dp2) == ("tensor", "data")
+    # tp2-pp2: a stream per tensor rank that pipeline stages advanced differently varies over both.
+    tp2_pp2 = RankLayout.build(4, tensor=2, pipeline=2)
+    assert varying_axes(["a", "b", "c", "d"], tp2_pp2) == ("tensor", "pipeline")
+    # Counterparts: same sizes on the varying axes, any order or other axes.
+    dp_inner = RankLayout.build(4, tensor=2, order="dp-tp-sp-ep-pp")
+    assert [source_rank(("tensor",), tp2_dp2, dp_inner, n) for n in range(4)] == [0, 0, 1, 1]
+    tp2_dp4 = RankLayout.build(8, tensor=2)
+    assert [source_rank(("tensor",), tp2_dp2, tp2_dp4, n) for n in range(8)] == [0, 1] * 4
+    assert source_rank(("tensor",), tp2_dp2, RankLayout.build(4, tensor=4), 3) is None
+    assert source_rank((), tp2_dp2, RankLayout.build(8, tensor=8), 5) == 0
+    with pytest.raises(ValueError, match="3 digests for a layout of 4 ranks"):
+        varying_axes(["a"] * 3, tp2_dp2)
+
+
 def test_resume_of_a_fit_cut_short_by_max_steps_is_bit_exact(layouts: tuple) -> None:
     runs, _ = layouts
     for r in runs:

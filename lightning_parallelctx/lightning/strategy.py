@@ -49,7 +49,6 @@ from ..launchers import LaunchInfo
 from ..layout import RankLayout
 from ..mode import ParallelMode
 from ..rendezvous import rendezvous_store
-from ..random import set_rng_state
 from . import atomic
 from ..pipeline import DEFAULT_SCHEDULE, Schedule, StagePlan, resolve_pipeline_config
 from . import checkpoint as _ckpt
@@ -567,7 +566,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         # A resumed fit draws a DataLoader seed when its epoch's iterator is made, after the restore;
         # the uninterrupted run drew it before the save: set the generators after that draw.
         if self._rng_state is not None:
-            set_rng_state(self._rng_state)
+            _ckpt.rng_state.apply(self._rng_state)
             self._rng_state = None
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
