@@ -293,6 +293,62 @@ def pipeline_resumes(layouts: tuple) -> list[dict[str, Any]]:
     return spawn(_pipeline_job, 4, str(tmp), timeout=600)
 
 
+def _plain_dcp_job(rank: int, world_size: int, path: str) -> dict[str, torch.Tensor]:
+    """No library code: torch's process group, a 4-way DeviceMesh, and ``dcp.load`` into DTensors
+    sharded by rows (a layout the library never used), as a torchtitan-style loader does."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (world_size,))
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    wanted = [k for k, m in saved.items() if getattr(m, "size", None) and len(m.size) > 0
+              and (k.startswith("state_dict.") or k.endswith((".exp_avg", ".exp_avg_sq")))]
+    state = {k: distribute_tensor(torch.zeros(saved[k].size, dtype=saved[k].properties.dtype), mesh, [Shard(0)])
+             for k in wanted}
+    dcp.load(state, checkpoint_id=path)
+    full = {k: v.full_tensor() for k, v in state.items()}
+    dist.destroy_process_group()
+    return full
+
+
+def _model_parallel_strategy_job(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Lightning's ModelParallelStrategy (no library strategy): the GPT example with FSDP2 over 4 data
+    ranks resumes the library's tp2-dp2 checkpoint with Lightning's own loader; what it restored, as
+    full tensors, at the start of training."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from examples.gpt.model import GPTLightning
+
+    class FSDPGPT(GPTLightning):
+        def configure_model(self) -> None:
+            super().configure_model()
+            for name in self.gpt.layer_names:  # each layer: the model calls them one by one
+                fully_shard(self.gpt.get_submodule(name), mesh=self.device_mesh["data_parallel"])
+
+    seen: dict[str, Any] = {}
+
+    class AtStart(pl.Callback):
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            seen["step"] = trainer.global_step
+            seen["state_dict"] = {k: v.full_tensor() for k, v in module.state_dict().items()}
+            osd = get_optimizer_state_dict(module, trainer.optimizers[0])
+            seen["moments"] = {f"{n}.{m}": e[m].full_tensor() for n, e in osd["state"].items() for m in ("exp_avg", "exp_avg_sq")}
+
+    pl.seed_everything(1234)
+    trainer = pl.Trainer(accelerator="cpu", devices=world_size, max_steps=11, logger=False,
+                         strategy=ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[AtStart()], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(FSDPGPT(**MODEL), _data(), ckpt_path=path, weights_only=False)
+    return seen
+
+
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert set(a) == set(b), set(a) ^ set(b)
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
@@ -413,6 +469,41 @@ def test_tensor_parallel_checkpoint_resumes_with_pipeline_stages(layout: str, la
         assert resumed["step"] == STEPS and len(resumed["losses"]) == STEPS - 10
         assert max(abs(a - b) for a, b in zip(resumed["losses"], ref["losses"][10:])) < TOL
     assert _max_diff(pipeline_resumes[0][f"tp2-dp2->{layout}"]["final"], runs[0]["final"]) < TOL
+
+
+def test_plain_torch_dcp_loads_model_and_moments_into_its_own_dtensors(layouts: tuple) -> None:
+    _, tmp = layouts
+    path = tmp / "ck/step=10.ckpt"
+    loaded = spawn(_plain_dcp_job, 4, str(path), timeout=180)
+    model, moments = _consolidated_named(path)
+    expected = {**{f"state_dict.{k}": v for k, v in model.items()},
+                **{f"optimizer_0.state.{k}": v for k, v in moments.items()}}
+    for got in loaded:
+        assert set(got) == set(expected)
+        assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def _consolidated_named(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(full model state dict, full AdamW moments keyed "<param name>.<exp_avg|exp_avg_sq>")."""
+    from lightning_parallelctx.lightning.checkpoint import consolidate_checkpoint
+
+    full = consolidate_checkpoint(path)
+    names = list(dict.fromkeys(n for g in full["pctx"]["optimizers"][0]["param_groups"] for n in g["params"]))
+    moments = {f"{names[i]}.{m}": e[m] for i, e in full["optimizer_states"][0]["state"].items()
+               for m in ("exp_avg", "exp_avg_sq")}
+    return full["state_dict"], moments
+
+
+def test_model_parallel_strategy_resumes_our_checkpoint(layouts: tuple) -> None:
+    _, tmp = layouts
+    path = tmp / "ck/step=10.ckpt"
+    model, moments = _consolidated_named(path)
+    for seen in spawn(_model_parallel_strategy_job, 4, str(path), timeout=300):
+        # tp2-dp2 shards, read by Lightning's loader into FSDP2 DTensors over 4 data ranks: exact.
+        assert seen["step"] == 10
+        assert set(seen["state_dict"]) == set(model) and set(seen["moments"]) == set(moments)
+        assert all(torch.equal(seen["state_dict"][k], v) for k, v in model.items())
+        assert all(torch.equal(seen["moments"][k], v) for k, v in moments.items())
 
 
 def test_consolidated_file_resumes_at_another_layout(layouts: tuple) -> None:
