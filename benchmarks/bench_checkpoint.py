@@ -10,8 +10,18 @@ Variants, interleaved round-robin, medians of the max over ranks (docs/benchmark
 - ``ours-async``: the stall of an asynchronous save (the time ``save`` blocks the training loop:
   the in-memory copy and DCP's planning), and its total time until the checkpoint is visible.
 
-Prints times and ratios to ``dcp`` measured in this run. Run: ``python benchmarks/bench_checkpoint.py``
-(``--d-model 512 --layers 4 --rounds 5``).
+Part 2, against Lightning's ModelParallelStrategy: ``trainer.save_checkpoint(path)`` and loading it
+back into the model and AdamW after a one-step fit, tp2-dp2, for
+
+- ``model_parallel``: the same GPT architecture in DTensor (``parallelize_module`` + ``fully_shard``,
+  ``bench_dtensor.dtensor_gpt``) under ModelParallelStrategy (its DCP save plus meta.pt);
+- ``parallelctx``: the GPT example under ``ParallelCtxStrategy(tensor_parallel_size=2)`` (replicated
+  over the data ranks: DCP writes each slice once, from one replica).
+
+Fits alternate per round; medians over rounds of the max over ranks; ratios to ``model_parallel``.
+
+Prints times and ratios measured in this run. Run: ``python benchmarks/bench_checkpoint.py``
+(``--d-model 512 --layers 4 --rounds 5 --part dcp,strategies``).
 """
 
 from __future__ import annotations
@@ -107,14 +117,84 @@ def _worker(rank: int, world_size: int, args: dict, tmp: str) -> dict[str, Any]:
             "bytes": {"dcp": dcp_bytes, "ours": ours_bytes}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--rounds", type=int, default=5)
-    a = parser.parse_args()
-    reexec_with_malloc_env()
+STRATEGY_VARIANTS = ("model_parallel", "parallelctx")
+
+
+def _strategy_worker(rank: int, world_size: int, variant: str, args: dict, tmp: str) -> dict[str, Any]:
+    """One fit step under ``variant``, then ``rounds`` x (save, load model and optimizer back)."""
+    pin_to_core(rank)
+    import lightning.pytorch as pl
+    import torch
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from bench_dtensor import dtensor_gpt
+    from examples.gpt.data import GPTDataModule
+    from examples.gpt.model import GPTLightning
+    from lightning_parallelctx import ParallelCtxStrategy
+
+    h = {"vocab_size": args["vocab"], "seq_len": 64, "d_model": args["d_model"], "n_heads": 8, "n_layers": args["layers"]}
+    if variant == "model_parallel":
+        model, strategy = dtensor_gpt(h), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=2)
+    else:
+        model = GPTLightning(**h, lr=1e-3)
+        strategy = ParallelCtxStrategy(tensor_parallel_size=2, print_layout=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=4, strategy=strategy, max_steps=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, GPTDataModule(vocab_size=h["vocab_size"], seq_len=64, num_samples=64, num_val_samples=8,
+                                     global_batch_size=16))
+    assert trainer.global_step == 1 and trainer.optimizers[0].state, "the fit must make AdamW's moments"
+
+    def timed(fn: Any) -> float:
+        dist.barrier()
+        t = time.perf_counter()
+        fn()
+        t = torch.tensor(time.perf_counter() - t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    def load(path: Path) -> None:
+        ckpt = trainer.strategy.load_checkpoint(path)
+        if variant != "model_parallel":  # ModelParallelStrategy loads into the model and optimizer itself
+            trainer.strategy.load_model_state_dict(ckpt)
+            trainer.strategy.load_optimizer_state_dict(ckpt)
+
+    times: dict[str, list[float]] = {"save": [], "load": []}
+    size = 0
+    for i in range(args["rounds"]):
+        path = Path(tmp) / f"{variant}-{i}.ckpt"
+        times["save"].append(timed(lambda: trainer.save_checkpoint(path)))
+        times["load"].append(timed(lambda: load(path)))
+        size = _size(path)
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(path)
+    return {"times": {k: statistics.median(v) for k, v in times.items()}, "bytes": size}
+
+
+def part_strategies(a: argparse.Namespace) -> None:
+    from lightning_parallelctx.testing import spawn
+
+    args = {"d_model": a.d_model, "layers": a.layers, "vocab": a.vocab, "rounds": a.rounds}
+    out: dict[str, list[dict[str, Any]]] = {v: [] for v in STRATEGY_VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.fits):
+            for v in (STRATEGY_VARIANTS if r % 2 == 0 else reversed(STRATEGY_VARIANTS)):
+                out[v].append(spawn(_strategy_worker, 4, v, args, tmp, timeout=1200)[0])
+    med = {v: {k: statistics.median(o["times"][k] for o in runs) for k in ("save", "load")} for v, runs in out.items()}
+    size = {v: runs[-1]["bytes"] for v, runs in out.items()}
+    peer = "model_parallel"
+    print(f"vs ModelParallelStrategy: GPT d_model={a.d_model} layers={a.layers} vocab={a.vocab}, tp2-dp2, AdamW after one "
+          f"step; trainer.save_checkpoint and loading model + optimizer back; {a.fits} fits x {a.rounds} rounds")
+    for v in STRATEGY_VARIANTS:
+        ratio = "" if v == peer else (f" (ratios to ModelParallelStrategy: save {med[v]['save'] / med[peer]['save']:.2f}, "
+                                      f"load {med[v]['load'] / med[peer]['load']:.2f}, bytes {size[v] / size[peer]:.3f})")
+        print(f"  {v}: save {med[v]['save'] * 1e3:.1f} ms, load {med[v]['load'] * 1e3:.1f} ms, "
+              f"{size[v] / 1e6:.2f} MB{ratio}")
+
+
+def part_dcp(a: argparse.Namespace) -> None:
     from lightning_parallelctx.testing import spawn
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,6 +210,23 @@ def main() -> None:
               f"(ratio {t[f'ours {what}'] / t[f'dcp {what}']:.2f})")
     print(f"async save: training blocked {t['async stall'] * 1e3:.1f} ms (ratio to our sync save "
           f"{t['async stall'] / t['ours save']:.2f}), visible after {t['async total'] * 1e3:.1f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--fits", type=int, default=2, help="fits per variant in part 'strategies'")
+    parser.add_argument("--part", default="dcp,strategies")
+    a = parser.parse_args()
+    reexec_with_malloc_env()
+    parts = a.part.split(",")
+    if "dcp" in parts:
+        part_dcp(a)
+    if "strategies" in parts:
+        part_strategies(a)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from _bench import pin_to_core, reexec_with_malloc_env  # benchmarks/_bench.py
 
@@ -136,22 +137,14 @@ def part_dtensor(steps: int, rounds: int) -> None:
 
 
 # ------------------------------------------------------------------------------ 1b. GPT vs DTensor GPT
-def _gpt_fit(rank: int, world: int, variant: str, steps: int) -> dict:
-    """The GPT example (library layers, ParallelCtxStrategy(fsdp=True)) or the same architecture in
-    plain nn modules with parallelize_module + fully_shard (ModelParallelStrategy), tp2 x dp2."""
+def dtensor_gpt(h: dict = GPT) -> "Any":
+    """The GPT example's architecture written with plain nn modules, tensor-parallel by
+    ``parallelize_module`` and sharded by ``fully_shard`` on ModelParallelStrategy's device mesh (the
+    peer of the library's GPT; bench_checkpoint.py uses it too)."""
     import lightning.pytorch as pl
     import torch
     import torch.nn.functional as F
-    from lightning.pytorch.strategies import ModelParallelStrategy
     from torch import nn
-
-    from examples.gpt.data import GPTDataModule
-    from examples.gpt.model import GPTLightning
-    from lightning_parallelctx import ParallelCtxStrategy
-    from lightning_parallelctx.dtensor import local
-
-    pin_to_core(rank)
-    h = GPT
 
     class Attention(nn.Module):
         def __init__(self, tp: int) -> None:
@@ -210,6 +203,24 @@ def _gpt_fit(rank: int, world: int, variant: str, steps: int) -> dict:
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
+    return DTensorGPT()
+
+
+def _gpt_fit(rank: int, world: int, variant: str, steps: int) -> dict:
+    """The GPT example (library layers, ParallelCtxStrategy(fsdp=True)) or the same architecture in
+    plain nn modules with parallelize_module + fully_shard (ModelParallelStrategy), tp2 x dp2."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from examples.gpt.data import GPTDataModule
+    from examples.gpt.model import GPTLightning
+    from lightning_parallelctx import ParallelCtxStrategy
+    from lightning_parallelctx.dtensor import local
+
+    pin_to_core(rank)
+    h = GPT
+
     class Timed(pl.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
@@ -221,7 +232,7 @@ def _gpt_fit(rank: int, world: int, variant: str, steps: int) -> dict:
             self.times.append(time.perf_counter() - self._t)
 
     if variant == "model_parallel":
-        model, strategy = DTensorGPT(), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=2)
+        model, strategy = dtensor_gpt(h), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=2)
     else:
         model = GPTLightning(**h, lr=1e-3)
         strategy = ParallelCtxStrategy(tensor_parallel_size=2, fsdp=True, print_layout=False)

@@ -17,7 +17,7 @@ PKG = "lightning_parallelctx"
 
 #: docs/ARCHITECTURE.md's layers; a module may import its own layer or below. First match wins.
 LAYERS = [
-    (1, ("layout", "initializers", "launchers", "mode", "markers", "errors", "topology", "registry")),
+    (1, ("layout", "initializers", "launchers", "mode", "markers", "errors", "topology", "registry", "rng_map")),
     (2, ("process_groups", "rendezvous", "faults", "watchdog")),
     (3, ("context", "current", "tables")),
     (4, ("distributed",)),

@@ -169,6 +169,34 @@ def _layouts_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     return res
 
 
+PP2_DP2 = {"pipeline_parallel_size": 2, "data_parallel_size": 2}
+#: Where the pp2-dp2 (1F1B, one stage per rank) step-10 checkpoint resumes. MODEL is 5 pipeline layers
+#: (tok, pos, blocks.0, ln_f, head): pp2 holds 3 + 2, pp4 2 + 1 + 1 + 1, interleaved pp2 x 2 virtual
+#: stages 2 + 1 + 1 + 1 placed in a loop (rank 0 holds layers 0-1 and 3).
+PIPELINE_RESUME_AT = {"tp2-dp2": RESUME_AT["tp2-dp2"],
+                      "pp4": {"pipeline_parallel_size": 4},
+                      "pp1-dp4": {"data_parallel_size": 4},
+                      "pp2-dp2-interleaved-v2": {**PP2_DP2, "pipeline_schedule": "interleaved_1f1b",
+                                                 "virtual_pipeline_size": 2}}
+
+
+def _pipeline_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    res: dict[str, Any] = {}
+    every10 = ModelCheckpoint(dirpath=f"{tmp}/pp", filename="{step}", every_n_train_steps=10, save_top_k=-1)
+    model, _, losses = _train(PP2_DP2, MODEL, [every10])
+    res["losses"], res["final"] = losses, _full(model)
+    for name, sizes in PIPELINE_RESUME_AT.items():
+        model, trainer, resumed = _train(sizes, MODEL, [], ckpt_path=f"{tmp}/pp/step=10.ckpt")
+        res[name] = {"losses": resumed, "final": _full(model), "step": trainer.global_step}
+    # The other way: the layouts job's tp2-dp2 step-10 checkpoint resumed with pipeline stages.
+    for name, sizes in (("pp2-dp2", PP2_DP2), ("pp2-dp2-interleaved-v2", PIPELINE_RESUME_AT["pp2-dp2-interleaved-v2"])):
+        model, trainer, resumed = _train(sizes, MODEL, [], ckpt_path=f"{tmp}/ck/step=10.ckpt")
+        res[f"tp2-dp2->{name}"] = {"losses": resumed, "final": _full(model), "step": trainer.global_step}
+    return res
+
+
 def _plain_trainer_job(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     """One process, no strategy of ours: continue from the consolidated step-16 checkpoint."""
     import lightning.pytorch as pl
@@ -259,6 +287,68 @@ def layouts(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, An
     return spawn(_layouts_job, 4, str(tmp), timeout=800), tmp
 
 
+@pytest.fixture(scope="module")
+def pipeline_resumes(layouts: tuple) -> list[dict[str, Any]]:
+    _, tmp = layouts  # its tp2-dp2 step-10 checkpoint is resumed with stages too
+    return spawn(_pipeline_job, 4, str(tmp), timeout=600)
+
+
+def _plain_dcp_job(rank: int, world_size: int, path: str) -> dict[str, torch.Tensor]:
+    """No library code: torch's process group, a 4-way DeviceMesh, and ``dcp.load`` into DTensors
+    sharded by rows (a layout the library never used), as a torchtitan-style loader does."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (world_size,))
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    wanted = [k for k, m in saved.items() if getattr(m, "size", None) and len(m.size) > 0
+              and (k.startswith("state_dict.") or k.endswith((".exp_avg", ".exp_avg_sq")))]
+    state = {k: distribute_tensor(torch.zeros(saved[k].size, dtype=saved[k].properties.dtype), mesh, [Shard(0)])
+             for k in wanted}
+    dcp.load(state, checkpoint_id=path)
+    full = {k: v.full_tensor() for k, v in state.items()}
+    dist.destroy_process_group()
+    return full
+
+
+def _model_parallel_strategy_job(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Lightning's ModelParallelStrategy (no library strategy): the GPT example with FSDP2 over 4 data
+    ranks resumes the library's tp2-dp2 checkpoint with Lightning's own loader; what it restored, as
+    full tensors, at the start of training."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from examples.gpt.model import GPTLightning
+
+    class FSDPGPT(GPTLightning):
+        def configure_model(self) -> None:
+            super().configure_model()
+            for name in self.gpt.layer_names:  # each layer: the model calls them one by one
+                fully_shard(self.gpt.get_submodule(name), mesh=self.device_mesh["data_parallel"])
+
+    seen: dict[str, Any] = {}
+
+    class AtStart(pl.Callback):
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            seen["step"] = trainer.global_step
+            seen["state_dict"] = {k: v.full_tensor() for k, v in module.state_dict().items()}
+            osd = get_optimizer_state_dict(module, trainer.optimizers[0])
+            seen["moments"] = {f"{n}.{m}": e[m].full_tensor() for n, e in osd["state"].items() for m in ("exp_avg", "exp_avg_sq")}
+
+    pl.seed_everything(1234)
+    trainer = pl.Trainer(accelerator="cpu", devices=world_size, max_steps=11, logger=False,
+                         strategy=ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[AtStart()], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(FSDPGPT(**MODEL), _data(), ckpt_path=path, weights_only=False)
+    return seen
+
+
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert set(a) == set(b), set(a) ^ set(b)
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
@@ -290,6 +380,56 @@ def test_same_layout_mid_epoch_resume_is_bit_exact(layouts: tuple) -> None:
     assert not torch.equal(runs[0]["rng10"]["streams"]["tensor"]["cpu"], runs[1]["rng10"]["streams"]["tensor"]["cpu"])
 
 
+def _seeded_tensor_stream(tp_rank: int) -> torch.Tensor:
+    from lightning_parallelctx.random import RNGStreams, derive_seed
+
+    streams = RNGStreams()
+    streams.add("tensor", derive_seed(7, "tensor", (tp_rank,)))  # what _rng_probe's model_parallel_seed(7) makes
+    return streams.get_state()["tensor"]["cpu"]
+
+
+def test_rng_streams_at_another_layout(layouts: tuple) -> None:
+    runs, _ = layouts
+    saved = [r["rng10"] for r in runs]  # tp2-dp2, tensor innermost: saved rank r has tensor rank r % 2
+    # The default generator was the same on every saved rank: every rank continues it at any layout.
+    assert all(torch.equal(s["default"]["cpu"], saved[0]["default"]["cpu"]) for s in saved)
+    for name in ("tp4", "dp4", "sp2-dp2", "tp2-dp2-dp-inner"):
+        for r in runs:
+            assert torch.equal(r[f"resumed_{name}"]["rng_start"]["default"]["cpu"], saved[0]["default"]["cpu"]), name
+    # The per-tensor-rank streams come back where the tensor size is unchanged: with data innermost,
+    # new rank n has tensor rank n // 2 and continues the saved stream of tensor rank n // 2.
+    for n, r in enumerate(runs):
+        got = r["resumed_tp2-dp2-dp-inner"]["rng_start"]["streams"]
+        assert all(torch.equal(got[s]["cpu"], saved[n // 2]["streams"][s]["cpu"]) for s in ("tensor", "sequence", "expert"))
+    # At tp4 (tensor size changed) no saved stream made these ranks' draws: each keeps the stream the
+    # resumed run seeded, distinct per tensor rank.
+    for n, r in enumerate(runs):
+        assert torch.equal(r["resumed_tp4"]["rng_start"]["streams"]["tensor"]["cpu"], _seeded_tensor_stream(n))
+        assert torch.equal(r["resumed_dp4"]["rng_start"]["streams"]["tensor"]["cpu"], _seeded_tensor_stream(0))
+
+
+def test_rng_map_rule() -> None:
+    from lightning_parallelctx.layout import RankLayout
+    from lightning_parallelctx.rng_map import source_rank, varying_axes
+
+    tp2_dp2 = RankLayout.build(4, tensor=2)
+    assert varying_axes(["a"] * 4, tp2_dp2) == ()
+    assert varying_axes(["a", "b", "a", "b"], tp2_dp2) == ("tensor",)
+    assert varying_axes(["a", "b", "c", "d"], tp2_dp2) == ("tensor", "data")
+    # tp2-pp2: a stream per tensor rank that pipeline stages advanced differently varies over both.
+    tp2_pp2 = RankLayout.build(4, tensor=2, pipeline=2)
+    assert varying_axes(["a", "b", "c", "d"], tp2_pp2) == ("tensor", "pipeline")
+    # Counterparts: same sizes on the varying axes, any order or other axes.
+    dp_inner = RankLayout.build(4, tensor=2, order="dp-tp-sp-ep-pp")
+    assert [source_rank(("tensor",), tp2_dp2, dp_inner, n) for n in range(4)] == [0, 0, 1, 1]
+    tp2_dp4 = RankLayout.build(8, tensor=2)
+    assert [source_rank(("tensor",), tp2_dp2, tp2_dp4, n) for n in range(8)] == [0, 1] * 4
+    assert source_rank(("tensor",), tp2_dp2, RankLayout.build(4, tensor=4), 3) is None
+    assert source_rank((), tp2_dp2, RankLayout.build(8, tensor=8), 5) == 0
+    with pytest.raises(ValueError, match="3 digests for a layout of 4 ranks"):
+        varying_axes(["a"] * 3, tp2_dp2)
+
+
 def test_resume_of_a_fit_cut_short_by_max_steps_is_bit_exact(layouts: tuple) -> None:
     runs, _ = layouts
     for r in runs:
@@ -306,6 +446,64 @@ def test_resume_at_another_layout(layout: str, layouts: tuple) -> None:
         assert max(abs(a - b) for a, b in zip(resumed["losses"], r["losses"][10:])) < TOL
     # The optimizer's moments came back too: without them the losses after step 10 drift by ~1e-2.
     assert _max_diff(runs[0][f"resumed_{layout}"]["final"], runs[0]["final"]) < TOL
+
+
+@pytest.mark.parametrize("layout", list(PIPELINE_RESUME_AT))
+def test_pipeline_checkpoint_resumes_at_another_layout(layout: str, pipeline_resumes: list) -> None:
+    # pp2-dp2 saved at step 10 (mid-epoch), resumed at tp2-dp2, pp4, pp1 and with interleaved virtual
+    # stages: every rank's losses after the resume and the final full weights = the uninterrupted run.
+    for r in pipeline_resumes:
+        resumed = r[layout]
+        assert resumed["step"] == STEPS and len(resumed["losses"]) == STEPS - 10
+        assert max(abs(a - b) for a, b in zip(resumed["losses"], r["losses"][10:])) < TOL, \
+            (resumed["losses"][:3], r["losses"][10:13])
+        assert _max_diff(resumed["final"], r["final"]) < TOL
+
+
+@pytest.mark.parametrize("layout", ["pp2-dp2", "pp2-dp2-interleaved-v2"])
+def test_tensor_parallel_checkpoint_resumes_with_pipeline_stages(layout: str, layouts: tuple,
+                                                                 pipeline_resumes: list) -> None:
+    runs, _ = layouts
+    for r, ref in zip(pipeline_resumes, runs):
+        resumed = r[f"tp2-dp2->{layout}"]
+        assert resumed["step"] == STEPS and len(resumed["losses"]) == STEPS - 10
+        assert max(abs(a - b) for a, b in zip(resumed["losses"], ref["losses"][10:])) < TOL
+    assert _max_diff(pipeline_resumes[0][f"tp2-dp2->{layout}"]["final"], runs[0]["final"]) < TOL
+
+
+def test_plain_torch_dcp_loads_model_and_moments_into_its_own_dtensors(layouts: tuple) -> None:
+    _, tmp = layouts
+    path = tmp / "ck/step=10.ckpt"
+    loaded = spawn(_plain_dcp_job, 4, str(path), timeout=180)
+    model, moments = _consolidated_named(path)
+    expected = {**{f"state_dict.{k}": v for k, v in model.items()},
+                **{f"optimizer_0.state.{k}": v for k, v in moments.items()}}
+    for got in loaded:
+        assert set(got) == set(expected)
+        assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def _consolidated_named(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(full model state dict, full AdamW moments keyed "<param name>.<exp_avg|exp_avg_sq>")."""
+    from lightning_parallelctx.lightning.checkpoint import consolidate_checkpoint
+
+    full = consolidate_checkpoint(path)
+    names = list(dict.fromkeys(n for g in full["pctx"]["optimizers"][0]["param_groups"] for n in g["params"]))
+    moments = {f"{names[i]}.{m}": e[m] for i, e in full["optimizer_states"][0]["state"].items()
+               for m in ("exp_avg", "exp_avg_sq")}
+    return full["state_dict"], moments
+
+
+def test_model_parallel_strategy_resumes_our_checkpoint(layouts: tuple) -> None:
+    _, tmp = layouts
+    path = tmp / "ck/step=10.ckpt"
+    model, moments = _consolidated_named(path)
+    for seen in spawn(_model_parallel_strategy_job, 4, str(path), timeout=300):
+        # tp2-dp2 shards, read by Lightning's loader into FSDP2 DTensors over 4 data ranks: exact.
+        assert seen["step"] == 10
+        assert set(seen["state_dict"]) == set(model) and set(seen["moments"]) == set(moments)
+        assert all(torch.equal(seen["state_dict"][k], v) for k, v in model.items())
+        assert all(torch.equal(seen["moments"][k], v) for k, v in moments.items())
 
 
 def test_consolidated_file_resumes_at_another_layout(layouts: tuple) -> None:
@@ -385,6 +583,91 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(killed: Path) -> 
         assert all(torch.equal(v, step2[k]) for k, v in r["weights"].items())
     # The next save of step 4 replaced the leftover.
     assert sorted(os.listdir(killed / "kill")) == ["last.ckpt", "step=2.ckpt", "step=4.ckpt", "step=6.ckpt"]
+
+
+def _killed_between_renames_job(rank: int, world_size: int, tmp: str) -> None:
+    """Checkpoints every 2 steps with last.ckpt; rank 0 (which commits) dies in the step-4 save of
+    last.ckpt between its two renames: last.ckpt moved to .last.ckpt.old, the complete new copy
+    still .last.ckpt.partial, no last.ckpt."""
+    import signal
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class DieBetweenRenames(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if rank == 0 and trainer.global_step == 4:
+                real = os.rename
+
+                def rename_then_die(src: Any, dst: Any) -> None:
+                    real(src, dst)
+                    if Path(src).name == "last.ckpt" and Path(dst).name == ".last.ckpt.old":
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+                os.rename = rename_then_die
+
+    ck = ModelCheckpoint(dirpath=f"{tmp}/kill", filename="{step}", every_n_train_steps=2, save_top_k=-1, save_last=True)
+    _train({"data_parallel_size": 2}, SMALL, [DieBetweenRenames(), ck], devices=2, max_steps=6, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def killed_between_renames(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("renames")
+    with pytest.raises(RankFailure) as failure:
+        spawn(_killed_between_renames_job, 2, str(tmp), timeout=180)
+    assert "rank 0 exited with code -9" in str(failure.value), str(failure.value)[-2000:]
+    return tmp
+
+
+def test_last_resumes_from_a_replacement_cut_between_its_renames(killed_between_renames: Path) -> None:
+    from lightning_parallelctx.lightning import atomic
+    from lightning_parallelctx.lightning.checkpoint import consolidate_checkpoint
+
+    d = killed_between_renames / "kill"
+    names = sorted(os.listdir(d))
+    # No last.ckpt: Lightning's "last" lookup alone finds nothing and would train from step 0.
+    assert names == [".last.ckpt.old", ".last.ckpt.partial", "step=2.ckpt", "step=4.ckpt"], names
+    assert atomic.is_complete(d / ".last.ckpt.partial") and atomic.is_complete(d / ".last.ckpt.old")
+    # The one-process reader picks the newest complete copy as well.
+    assert consolidate_checkpoint(d / "last.ckpt")["global_step"] == 4
+    step4 = consolidate_checkpoint(d / "step=4.ckpt")["state_dict"]
+    runs = spawn(_resume_last_job, 2, str(killed_between_renames), timeout=180)
+    for r in runs:
+        assert r["step"] == 4 and r["end"] == 6
+        assert all(torch.equal(v, step4[k]) for k, v in r["weights"].items())
+    # Recovered before the fit (rolled forward, the stale .old dropped), then saved again as usual.
+    assert sorted(os.listdir(d)) == ["last.ckpt", "step=2.ckpt", "step=4.ckpt", "step=6.ckpt"]
+    assert consolidate_checkpoint(d / "last.ckpt")["global_step"] == 6
+
+
+def test_recover_is_safe_from_every_rank_at_once(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lightning_parallelctx.lightning import atomic
+    from lightning_parallelctx.lightning.resume_path import recover_before_resolve
+
+    final = tmp_path / "last.ckpt"
+
+    def left(partial_marked: bool) -> None:
+        for d, text in ((atomic.old_dir(final), "old"), (atomic.partial_dir(final), "new")):
+            d.mkdir()
+            (d / "data").write_text(text)
+        (atomic.old_dir(final) / atomic.MARKER).write_text("")
+        if partial_marked:
+            (atomic.partial_dir(final) / atomic.MARKER).write_text("")
+
+    # The marked .partial is the newest complete copy: rolled forward by exactly one of 8 callers.
+    left(partial_marked=True)
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda _: atomic.recover(final), range(8)))
+    assert won.count(True) == 1 and (final / "data").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    # An unmarked .partial (killed before the marker) is never used: the complete .old comes back.
+    atomic.remove(final)
+    left(partial_marked=False)
+    assert atomic.resolve_complete(final) == atomic.old_dir(final)
+    assert recover_before_resolve(None, str(final)) == [final] and (final / "data").read_text() == "old"
+    assert recover_before_resolve(None, str(final)) == []  # nothing left to do
 
 
 def _damage(src: Path, dst: Path, how: str) -> Path:

@@ -273,5 +273,9 @@ def test_trainer_construction_fails_fast_on_mismatches(clean_env: pytest.MonkeyP
     with pytest.raises(LaunchMismatchError, match=r"torchrun started 2 process\(es\).*devices=4"):
         pl.Trainer(strategy=ParallelCtxStrategy(), accelerator="cpu", devices=4, logger=False)
     trainer = pl.Trainer(strategy=ParallelCtxStrategy(), accelerator="cpu", devices=2, logger=False)
-    assert trainer.strategy.launcher is None  # docs/traps.md #1's other half: never a launcher under torchrun
+    # docs/traps.md #1's other half: nothing started under torchrun; the in-place launcher only runs
+    # the checkpoint recovery before Lightning resolves ckpt_path (resume_path.py).
+    from lightning_parallelctx.lightning.resume_path import InPlaceLauncher
+
+    assert type(trainer.strategy.launcher) is InPlaceLauncher
     assert (trainer.global_rank, trainer.world_size) == (0, 2)

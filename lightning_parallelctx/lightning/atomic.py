@@ -8,8 +8,11 @@ looks, and it has no marker); the next save to the same name deletes it.
 
 Replacing an existing checkpoint (``last.ckpt`` is re-saved every time) cannot be one rename of a
 non-empty directory: the old one is first renamed to ``.<name>.old``, the new one renamed in, the
-old one deleted. A process killed between those two renames leaves ``.<name>.old`` complete:
-:func:`resolve_complete` falls back to it, so a checkpoint is never lost.
+old one deleted. A process killed between those two renames leaves no ``<name>``, a marked (complete)
+``.<name>.partial`` and the complete ``.<name>.old``: :func:`recover` moves the newest complete one
+back to ``<name>`` (resume_path.py calls it before Lightning resolves ``ckpt_path="last"``, which
+lists only ``last*.ckpt`` names) and :func:`resolve_complete` picks the same one, so a checkpoint
+is never lost.
 """
 
 from __future__ import annotations
@@ -82,14 +85,40 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and (path / MARKER).is_file()
 
 
+def _left_by_killed_replacement(final: Path) -> Path | None:
+    """When ``final`` is missing: the newest complete copy a save killed between its two renames
+    left (its marked ``.partial``: every rank's data was written and synced before the marker),
+    else the complete ``.old``; None when there is none."""
+    if final.exists() or final.is_symlink():
+        return None
+    return next((p for p in (partial_dir(final), old_dir(final)) if is_complete(p)), None)
+
+
 def resolve_complete(path: Path) -> Path:
-    """``path`` if complete, else the complete ``.old`` copy a save killed mid-replacement left."""
+    """``path`` if complete, else the complete copy a save killed mid-replacement left."""
     if is_complete(path):
         return path
-    old = old_dir(path)
-    if not path.exists() and is_complete(old):
-        return old
-    return path
+    return _left_by_killed_replacement(path) or path
+
+
+def recover(final: Path) -> bool:
+    """Finish a replacement a killed process left half done: move the copy :func:`resolve_complete`
+    would pick to ``final``. True when this call moved it.
+
+    Several processes may call it at once (no process group exists yet when it runs): rename is
+    atomic, so one wins and the others' renames fail (source gone, or target now a non-empty
+    directory) and find ``final`` complete. Never called while a save of ``final`` is in flight."""
+    src = _left_by_killed_replacement(final)
+    if src is None:
+        return False
+    try:
+        os.rename(src, final)
+    except OSError:  # another process moved it first
+        return False
+    fsync_dir(final.parent)
+    if src != old_dir(final):  # rolled forward: the replaced copy is stale
+        shutil.rmtree(old_dir(final), ignore_errors=True)
+    return True
 
 
 def remove(path: Path) -> None:

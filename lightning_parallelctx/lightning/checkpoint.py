@@ -49,11 +49,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
-from .. import random as pctx_random
 from ..context import ParallelContext
 from ..errors import ParallelCtxError
 from ..markers import is_expert, tensor_parallel_dim
-from . import atomic
+from . import atomic, rng_state
 from .dtensor_state import (
     local_like,
     named_to_optimizer,
@@ -67,7 +66,7 @@ META_FILE = "meta.pt"
 DCP_METADATA = ".metadata"
 SHARD_RE = re.compile(r"shard-tp(\d+)-pp(\d+)-ep(\d+)\.pt")  # format 1 (per-shard torch.save files)
 FORMAT_VERSION = 2
-#: Key of the loaded checkpoint dict holding this rank's saved generators (same layout only).
+#: Key of the loaded checkpoint dict holding the generators this rank continues (rng_state.py).
 RNG_KEY = "pctx_rng_state"
 
 
@@ -186,11 +185,9 @@ def build_state(checkpoint: Mapping[str, Any], module: torch.nn.Module, optimize
                          "state": {n: {k: _state_kind(v, params[n]) for k, v in e.items()}
                                    for n, e in named["state"].items()}})
     manifest = _manifest_of_every_stage(manifest, module, ctx)
-    rng = io.BytesIO()
-    torch.save(pctx_random.get_rng_state(), rng)
-    rng.seek(0)
-    state[f"rng.rank{ctx.get_global_rank()}"] = rng
-    rest["pctx"] = {"version": FORMAT_VERSION, "format": "dcp", **_layout_info(ctx), "optimizers": manifest}
+    state[rng_state.entry_key(ctx.get_global_rank())], rng_axes = rng_state.save(ctx)
+    rest["pctx"] = {"version": FORMAT_VERSION, "format": "dcp", **_layout_info(ctx), "optimizers": manifest,
+                    "rng_axes": rng_axes}
     return state, rest
 
 
@@ -376,9 +373,9 @@ def _load_dcp(path: Path, module: torch.nn.Module, ctx: ParallelContext, weights
         for i, m in enumerate(manifest):
             target[f"optimizer_{i}"] = {"state": _optimizer_target(m, module, ctx)}
     same_layout = {k: info.get(k) for k in ("sizes", "order", "world_size")} == _layout_info(ctx)
-    rng_key = f"rng.rank{ctx.get_global_rank()}"
-    if same_layout:
-        target[rng_key] = io.BytesIO()
+    rng_sources = rng_state.plan(info, ctx, same_layout)
+    for src in set(rng_sources.values()):
+        target[rng_state.entry_key(src)] = io.BytesIO()
     try:
         dcp.load(target, storage_reader=dcp.FileSystemReader(path))
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - re-raised naming the file
@@ -390,12 +387,15 @@ def _load_dcp(path: Path, module: torch.nn.Module, ctx: ParallelContext, weights
             named_to_optimizer({"state": target[f"optimizer_{i}"]["state"],
                                 "param_groups": _own_groups(m["param_groups"], module, ctx)}, opt, module)
             for i, (m, opt) in enumerate(zip(manifest, optimizers))]
-    if same_layout:
-        # Each rank's own streams; at another layout the per-rank streams have no counterpart. The
-        # caller applies them (the strategy: at train start, after the resumed epoch's DataLoader
+    if rng_sources:
+        # Each rank's own generators, or at another layout those with a counterpart (rng_state.py).
+        # The caller applies them (the strategy: at train start, after the resumed epoch's DataLoader
         # iterator has drawn its seed, which the uninterrupted run drew before the save).
-        target[rng_key].seek(0)
-        meta[RNG_KEY] = torch.load(target[rng_key], weights_only=True)
+        loaded = {}
+        for src in set(rng_sources.values()):
+            target[rng_state.entry_key(src)].seek(0)
+            loaded[src] = torch.load(target[rng_state.entry_key(src)], weights_only=True)
+        meta[RNG_KEY] = rng_state.assemble(rng_sources, loaded)
     return meta
 
 

@@ -49,7 +49,6 @@ from ..launchers import LaunchInfo
 from ..layout import RankLayout
 from ..mode import ParallelMode
 from ..rendezvous import rendezvous_store
-from ..random import set_rng_state
 from . import atomic
 from ..pipeline import DEFAULT_SCHEDULE, Schedule, StagePlan, resolve_pipeline_config
 from . import checkpoint as _ckpt
@@ -57,7 +56,7 @@ from ._grad_sync import GradientHandler, check_gradient_handler_spec, check_manu
 from .batchnorm import convert_sync_batchnorm, revert_sync_batchnorm
 from ._pipeline import PipelineRuntime, is_ddp_handler
 from .environment import LAUNCHERS, ParallelCtxEnvironment
-from .fault_guard import FitGuard, ParallelCtxLauncher, die_with_launcher, quietly
+from .fault_guard import FitGuard, die_with_launcher, quietly
 from .grad_norm import clip_grad_norm_
 from .reductions import DEFAULT_REDUCTION_MODE, default_metric_groups, resolve_group
 from .replicas import ReplicaBufferSync, sync_replicas_at_fit_start
@@ -66,6 +65,7 @@ from .mesh import lightning_device_mesh
 from .meta import materialize_meta
 from .batch_check import BatchCheck
 from .resume_data import batches_already_run, make_resumable, restart_epoch_iterator_if_done
+from .resume_path import InPlaceLauncher, RecoveringLauncher
 
 _SIZE_NAMES = ("tensor_parallel_size", "pipeline_parallel_size", "sequence_parallel_size", "expert_parallel_size")
 
@@ -339,9 +339,11 @@ class ParallelCtxStrategy(ParallelStrategy):
             # they started, which Lightning never does without a launcher (docs/launchers.md).
             env.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
             die_with_launcher()  # a child of our launcher or of torchrun's agent must not outlive it
+            # Starts nothing; runs before Lightning resolves ckpt_path="last" (resume_path.py).
+            self._launcher = InPlaceLauncher()
         else:
             # Without a launcher `devices=N` silently runs one process (docs/traps.md #1).
-            self._launcher = ParallelCtxLauncher(env, self.num_processes, self.num_nodes)
+            self._launcher = RecoveringLauncher(env, self.num_processes, self.num_nodes)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -570,7 +572,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         # A resumed fit draws a DataLoader seed when its epoch's iterator is made, after the restore;
         # the uninterrupted run drew it before the save: set the generators after that draw.
         if self._rng_state is not None:
-            set_rng_state(self._rng_state)
+            _ckpt.rng_state.apply(self._rng_state)
             self._rng_state = None
             # Saved after an epoch's last batch: the next epoch's iterator draws from the restored state.
             restart_epoch_iterator_if_done(self.lightning_module.trainer)
