@@ -34,10 +34,13 @@ def _model(torch):
 
 
 def _parse_hook_variant(spec: str) -> tuple[str, dict]:
-    """``cap[:first_cap[:compress]]``, e.g. ``25``, ``25:1``, ``25::bf16``."""
-    cap, first, compress = (spec.split(":") + ["", ""])[:3]
-    return f"hook({spec})", {"bucket_cap_mb": float(cap), "first_bucket_cap_mb": float(first) if first else None,
-                             "compress": compress or None}
+    """``cap[:first_cap[:compress[:in_place_mb]]]``, e.g. ``25``, ``25:1``, ``25::bf16``, ``25:::none``."""
+    cap, first, compress, in_place = (spec.split(":") + ["", "", ""])[:4]
+    options = {"bucket_cap_mb": float(cap), "first_bucket_cap_mb": float(first) if first else None,
+               "compress": compress or None}
+    if in_place:
+        options["in_place_mb"] = None if in_place == "none" else float(in_place)
+    return f"hook({spec})", options
 
 
 def _worker(rank: int, world_size: int, args: dict) -> dict:
@@ -130,7 +133,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--bw-reps", type=int, default=20)
     parser.add_argument("--hook-variants", nargs="+", default=["25"],
-                        help="bucket_cap_mb[:first_bucket_cap_mb[:compress]] of each hook variant, e.g. 25 25:1 25::bf16; "
+                        help="bucket_cap_mb[:first_bucket_cap_mb[:compress[:in_place_mb]]] of each hook variant, e.g. "
+                             "25 25:1 25::bf16 25:::none (every parameter through a bucket); "
                              "the first one's buckets are used for the bandwidth figure")
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args()

@@ -35,7 +35,9 @@ BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "context_scale": ("bench_context_scale.py", ["--repeats", "3"],
                       ["--repeats", "1", "--worlds", "1024", "4096", "16384"]),
-    "dp_hook": ("dp_hook_vs_ddp.py", ["--rounds", "40"], ["--rounds", "12", "--warmup", "3"]),
+    # hook(25:::none): the hook with every parameter copied into a bucket (no in-place reduction).
+    "dp_hook": ("dp_hook_vs_ddp.py", ["--rounds", "40", "--hook-variants", "25", "25:::none"],
+                ["--rounds", "12", "--warmup", "3", "--hook-variants", "25", "25:::none"]),
     "tensor_parallel_256": ("bench_tensor_parallel.py", ["--rounds", "40", "--d-model", "256", "--tokens", "64"],
                             ["--rounds", "20", "--d-model", "256", "--tokens", "64"]),
     "tensor_parallel_1024": ("bench_tensor_parallel.py", ["--rounds", "20", "--d-model", "1024", "--tokens", "256"],
