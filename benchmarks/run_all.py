@@ -103,9 +103,11 @@ def table_context_scale(res: dict) -> list[str]:
 
 
 def table_dp_hook(res: dict) -> list[str]:
-    lines = ["| variant | ratio to DDP default (median) | paired |", "|---|---|---|"]
+    cpu = res.get("cpu_ratio", {})  # process CPU time per step (both ranks, every thread)
+    lines = ["| variant | ratio to DDP default (median) | paired | CPU time ratio |", "|---|---|---|---|"]
     for name, ratio in res["ratio"].items():
-        lines.append(f"| {name} | {ratio:.3f} | {res['paired_ratio'][name]:.3f} |")
+        cell = f"{cpu[name]:.3f}" if name in cpu else "-"
+        lines.append(f"| {name} | {ratio:.3f} | {res['paired_ratio'][name]:.3f} | {cell} |")
     return lines
 
 
