@@ -24,3 +24,46 @@ def pin_to_core(rank: int) -> int:
     cpu = cpus[rank % len(cpus)]
     os.sched_setaffinity(0, {cpu})
     return cpu
+
+
+def tp_blocks(torch, d: int, heads: int, col, row) -> dict[str, type]:
+    """The tensor-parallel blocks the TP and compile benchmarks time, built from ``col(in, out)`` /
+    ``row(in, out)`` (the library's Column/RowParallelLinear, or torch.nn.Linear for DTensor's
+    ``parallelize_module``). Returns the classes: ``"mlp"`` (fc1 -> gelu -> fc2, hidden 4 d),
+    ``"attention"`` (q, k, v -> causal SDPA -> o, heads split over the ranks) and ``"block"``
+    (attention then MLP, each with a residual). torch is passed in: callers import it only after
+    :func:`reexec_with_malloc_env`."""
+    import torch.nn.functional as F
+
+    class MLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = col(d, 4 * d), row(4 * d, d)
+
+        def forward(self, x):
+            return self.fc2(F.gelu(self.fc1(x)))
+
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = col(d, d), col(d, d), col(d, d)
+            self.o = row(d, d)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q, k, v = (p(x) for p in (self.q, self.k, self.v))
+            local, hd = q.shape[-1], d // heads  # d / tp under either implementation
+            q, k, v = (t.view(b, s, local // hd, hd).transpose(1, 2) for t in (q, k, v))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.o(a.transpose(1, 2).reshape(b, s, local))
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention, self.mlp = Attention(), MLP()
+
+        def forward(self, x):
+            x = x + self.attention(x)
+            return x + self.mlp(x)
+
+    return {"mlp": MLP, "attention": Attention, "block": Block}

@@ -15,12 +15,15 @@ Ours and the peer are checked to give the same output and input gradient before 
 a rank cannot know the other pieces' sizes, so they are exchanged first (one small all-gather);
 pass ``sizes=`` (the layers do) and it is the same single call as the peer.
 
-Method (docs/benchmarking.md): variants interleaved round-robin with a rotating start, each rank
-pinned to its own core, one torch thread, glibc MALLOC_* thresholds set, a call's time is the max
-over ranks; small messages are timed in bursts (a barrier's jitter would swamp one call). Ratios:
-"median" = ratio of the medians, "paired" = median of the per-round ratios (robust to drift),
-"min" / "added us" = ratio and difference of the fastest rounds (the right statistic with ``--fake``,
-where a call is pure CPU work that neighbours can only slow down).
+Method (docs/benchmarking.md): each round times every case as A B B A bursts (ours, peer, peer,
+ours; mirrored every other round), cases in a rotating order; each rank pinned to its own core,
+one torch thread, glibc MALLOC_* thresholds set, a call's time is the max over ranks; small
+messages are timed in bursts (a barrier's jitter would swamp one call). With ``--fake`` the clock
+is the thread's CPU time (everything runs in the calling thread, so time the core spent on other
+processes does not count), otherwise wall time. Ratios: "median" = ratio of the medians,
+"paired" = median of the per-round ABBA ratios (robust to drift), "min" / "added us" = ratio and
+difference of the fastest rounds (the right statistic with ``--fake``, where a call is pure CPU
+work that neighbours can only slow down).
 
     python benchmarks/bench_collectives.py [--rounds 30] [--mib 8] [--small-kib 64] [--json out.json]
 """
@@ -312,7 +315,7 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
         rows -= rows % world_size
         cases = _cases(torch, dist, D, group, world_size, rank, rows, cols)
         if args["fake"]:
-            reps = 200 if nbytes < 2**20 else 5  # no communication: calls are short, long bursts steady the minimum
+            reps = 100 if nbytes < 2**20 else 5  # no communication: calls are short, long bursts steady the minimum
         mismatch = {}
         for key, (ours, peer) in cases.items():  # same results before any timing (not on the no-op backend)
             if args["fake"]:
@@ -323,18 +326,29 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
             if go is not None:
                 diff = max(diff, float((go - gp).abs().max()))
             mismatch[" / ".join(key)] = diff
-        flat = [(key, i) for key in cases for i in range(2)]
-        times = {k: [] for k in flat}
+        # The fake backend runs everything in this thread: its CPU time leaves out the time other
+        # processes held the core, which is most of the noise on a shared machine. Real
+        # communication runs in gloo's threads and waits for the peer: wall time.
+        clock = time.thread_time if args["fake"] else time.perf_counter
+        keys = list(cases)
+        times = {(key, i): [] for key in keys for i in range(2)}
+
+        def burst(key, i: int) -> float:
+            dist.barrier()
+            t0 = clock()
+            for _ in range(reps):
+                cases[key][i]()
+            return (clock() - t0) / reps
+
         for r in range(args["warmup"] + args["rounds"]):
-            order = flat[r % len(flat):] + flat[: r % len(flat)]
-            for key, i in order:
-                dist.barrier()
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    cases[key][i]()
-                t = (time.perf_counter() - t0) / reps
+            for key in keys[r % len(keys):] + keys[: r % len(keys)]:  # rotate: no case always first
+                # A B B A (ours, peer, peer, ours; the other way round every other round): both sides
+                # of a pair see the same drift in load, so their ratio cancels it to first order.
+                a, b = (0, 1) if r % 2 == 0 else (1, 0)
+                t_a1, t_b1, t_b2, t_a2 = burst(key, a), burst(key, b), burst(key, b), burst(key, a)
                 if r >= args["warmup"]:
-                    times[(key, i)].append(t)
+                    times[(key, a)].append((t_a1 + t_a2) / 2)
+                    times[(key, b)].append((t_b1 + t_b2) / 2)
         res = {}
         for key in cases:
             t = torch.tensor([times[(key, 0)], times[(key, 1)]], dtype=torch.float64)
@@ -378,7 +392,8 @@ def main() -> None:
         res = spawn(_worker, 2, dict(vars(args)), timeout=3600)[0]
     wall = time.perf_counter() - started
     where = "1 process as rank 0 of 2 on the no-op fake backend (no communication)" if args.fake else "2 ranks, gloo"
-    print(f"{where}, fp32; {args.rounds} rounds (+{args.warmup} warm-up) interleaved; time = max over "
+    clock = "thread CPU time" if args.fake else "wall time"
+    print(f"{where}, fp32; {args.rounds} rounds (+{args.warmup} warm-up) of ABBA bursts, {clock}; time = max over "
           f"ranks; ratio = ours / peer (median of medians, and median of per-round ratios); wall {wall:.0f} s")
     for label, block in res.items():
         print(f"\n{label} (full tensor {block['bytes'] / 2**20:.3f} MiB, bursts of {block['reps']}; "

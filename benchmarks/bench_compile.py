@@ -19,31 +19,14 @@ import json
 import statistics
 import time
 
-from _bench import pin_to_core, reexec_with_malloc_env  # benchmarks/_bench.py
+from _bench import pin_to_core, reexec_with_malloc_env, tp_blocks  # benchmarks/_bench.py
 
 
 def _block(torch, d: int, heads: int):
-    import torch.nn.functional as F
-
     import lightning_parallelctx.nn as N
 
-    class Block(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.q, self.k, self.v = (N.ColumnParallelLinear(d, d) for _ in range(3))
-            self.o = N.RowParallelLinear(d, d)
-            self.fc1, self.fc2 = N.ColumnParallelLinear(d, 4 * d), N.RowParallelLinear(4 * d, d)
-
-        def forward(self, x):
-            b, s, _ = x.shape
-            local, hd = self.q.out_features_per_rank, d // heads
-            q, k, v = (p(x).view(b, s, local // hd, hd).transpose(1, 2) for p in (self.q, self.k, self.v))
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.o(a.transpose(1, 2).reshape(b, s, local))
-            return x + self.fc2(F.gelu(self.fc1(x)))
-
     torch.manual_seed(0)
-    return Block()
+    return tp_blocks(torch, d, heads, N.ColumnParallelLinear, N.RowParallelLinear)["block"]()
 
 
 def _worker(rank: int, world_size: int, args: dict) -> dict:

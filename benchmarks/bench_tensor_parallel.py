@@ -20,44 +20,19 @@ import json
 import statistics
 import time
 
-from _bench import pin_to_core, reexec_with_malloc_env  # benchmarks/_bench.py
+from _bench import pin_to_core, reexec_with_malloc_env, tp_blocks  # benchmarks/_bench.py
 
 
 def _build(torch, kind: str, impl: str, d: int, heads: int, ctx):
-    """The MLP (fc1 -> gelu -> fc2, hidden 4d) or attention (q, k, v -> causal SDPA -> o) block."""
-    import torch.nn.functional as F
-
+    """The MLP or attention block (benchmarks/_bench.py), from our layers or DTensor's plan."""
     import lightning_parallelctx.nn as N
 
-    class MLP(torch.nn.Module):
-        def __init__(self, col, row):
-            super().__init__()
-            self.fc1, self.fc2 = col(d, 4 * d), row(4 * d, d)
-
-        def forward(self, x):
-            return self.fc2(F.gelu(self.fc1(x)))
-
-    class Attention(torch.nn.Module):
-        def __init__(self, col, row):
-            super().__init__()
-            self.q, self.k, self.v = col(d, d), col(d, d), col(d, d)
-            self.o = row(d, d)
-
-        def forward(self, x):
-            b, s, _ = x.shape
-            q, k, v = (p(x) for p in (self.q, self.k, self.v))
-            local = q.shape[-1]  # d / tp under either implementation: heads split over ranks
-            q, k, v = (t.view(b, s, local * heads // d, d // heads).transpose(1, 2) for t in (q, k, v))
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return self.o(a.transpose(1, 2).reshape(b, s, local))
-
-    cls = MLP if kind == "mlp" else Attention
     torch.manual_seed(0)
     if impl == "parallelctx":
-        return cls(N.ColumnParallelLinear, N.RowParallelLinear)
+        return tp_blocks(torch, d, heads, N.ColumnParallelLinear, N.RowParallelLinear)[kind]()
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    model = cls(torch.nn.Linear, torch.nn.Linear)
+    model = tp_blocks(torch, d, heads, torch.nn.Linear, torch.nn.Linear)[kind]()
     plan = ({"fc1": ColwiseParallel(), "fc2": RowwiseParallel()} if kind == "mlp" else
             {"q": ColwiseParallel(), "k": ColwiseParallel(), "v": ColwiseParallel(), "o": RowwiseParallel()})
     return parallelize_module(model, ctx.device_mesh["tp"], plan)

@@ -4,7 +4,9 @@
 One step = zero_grad(set_to_none=True) + forward + backward + gradient sync. The variants run
 interleaved round-robin in one process pair (A B C ... A B C ...), each rank's main thread pinned
 to its own core, one torch thread, glibc's MALLOC_* thresholds set; a step's time is the max over
-the ranks; medians are reported as ratios to torch DDP with default settings.
+the ranks; medians are reported as ratios to torch DDP with default settings. Next to them, the
+median CPU time per step (both ranks, every thread, gloo's included): the work each variant does,
+which a loaded machine distorts far less than wall time, though it cannot show overlap.
 
 Then the all-reduce bandwidth of the hook's buckets (launched back to back, async, then waited,
 as the hook does) against one raw all-reduce of the same number of bytes.
@@ -34,10 +36,13 @@ def _model(torch):
 
 
 def _parse_hook_variant(spec: str) -> tuple[str, dict]:
-    """``cap[:first_cap[:compress]]``, e.g. ``25``, ``25:1``, ``25::bf16``."""
-    cap, first, compress = (spec.split(":") + ["", ""])[:3]
-    return f"hook({spec})", {"bucket_cap_mb": float(cap), "first_bucket_cap_mb": float(first) if first else None,
-                             "compress": compress or None}
+    """``cap[:first_cap[:compress[:in_place_mb]]]``, e.g. ``25``, ``25:1``, ``25::bf16``, ``25:::none``."""
+    cap, first, compress, in_place = (spec.split(":") + ["", "", ""])[:4]
+    options = {"bucket_cap_mb": float(cap), "first_bucket_cap_mb": float(first) if first else None,
+               "compress": compress or None}
+    if in_place:
+        options["in_place_mb"] = None if in_place == "none" else float(in_place)
+    return f"hook({spec})", options
 
 
 def _worker(rank: int, world_size: int, args: dict) -> dict:
@@ -72,23 +77,25 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(batch, 2048, generator=gen)
 
-    def step(name: str) -> float:
+    def step(name: str) -> tuple[float, float]:
         model, handler = variants[name]
         dist.barrier()  # both ranks start together: a late start must not count as sync time
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         model.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
         if handler is not None:
             handler.finish()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}  # this process's CPU time, gloo's threads included
     for r in range(args["warmup"] + args["rounds"]):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no variant always runs first
         for name in order:
-            t = step(name)
+            t, c = step(name)
             if r >= args["warmup"]:
                 times[name].append(t)
+                cpu[name].append(c)
 
     # Bandwidth: the hook's buckets all-reduced as the hook does vs one raw all-reduce of the same bytes.
     hook_name = names[0]
@@ -115,7 +122,12 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
         t = torch.tensor(series, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         rows.append(t.tolist())
-    result = {"names": names, "times": rows[: len(names)], "bw_buckets": rows[-2], "bw_raw": rows[-1],
+    cpu_rows = []  # work, not time: summed over the ranks
+    for n in names:
+        c = torch.tensor(cpu[n], dtype=torch.float64)
+        dist.all_reduce(c)
+        cpu_rows.append(c.tolist())
+    result = {"names": names, "times": rows[: len(names)], "cpu_s": cpu_rows, "bw_buckets": rows[-2], "bw_raw": rows[-1],
               "bytes": total * buffers[0].element_size(), "n_buckets": len(buffers),
               "buckets_mb": [round(b.numel() * b.element_size() / 2**20, 2) for b in buffers],
               "cpu": cpu}
@@ -130,7 +142,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--bw-reps", type=int, default=20)
     parser.add_argument("--hook-variants", nargs="+", default=["25"],
-                        help="bucket_cap_mb[:first_bucket_cap_mb[:compress]] of each hook variant, e.g. 25 25:1 25::bf16; "
+                        help="bucket_cap_mb[:first_bucket_cap_mb[:compress[:in_place_mb]]] of each hook variant, e.g. "
+                             "25 25:1 25::bf16 25:::none (every parameter through a bucket); "
                              "the first one's buckets are used for the bandwidth figure")
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args()
@@ -154,10 +167,15 @@ def main() -> None:
     print(f"2 ranks, gloo, 6 x Linear(2048, 2048) = 25.2M params, batch {args.batch}, "
           f"{args.rounds} rounds (+{args.warmup} warm-up), interleaved; step = max over ranks; wall {wall:.0f} s; "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    print(f"{'variant':<22}{'median ms':>10}{'ratio to DDP':>14}{'paired ratio':>14}{'p10 ms':>9}{'p10 ratio':>11}")
+    # CPU time (both ranks, every thread) counts the work a variant does (copies, reductions, sends),
+    # not how well it overlaps: on a loaded machine it still shows a removed copy when wall times are noise.
+    cpu_med = {n: statistics.median(c) for n, c in zip(result["names"], result["cpu_s"])}
+    cpu_ratio = {n: cpu_med[n] / cpu_med["ddp"] for n in cpu_med}
+    print(f"{'variant':<22}{'median ms':>10}{'ratio to DDP':>14}{'paired ratio':>14}{'p10 ms':>9}{'p10 ratio':>11}"
+          f"{'CPU ms':>8}{'CPU ratio':>11}")
     for n in result["names"]:
         print(f"{n:<22}{med[n] * 1e3:>10.1f}{med[n] / base:>14.3f}{paired[n]:>14.3f}{p10[n] * 1e3:>9.1f}"
-              f"{p10[n] / base10:>11.3f}")
+              f"{p10[n] / base10:>11.3f}{cpu_med[n] * 1e3:>8.1f}{cpu_ratio[n]:>11.3f}")
     bb, br = statistics.median(result["bw_buckets"]), statistics.median(result["bw_raw"])
     gb = result["bytes"] / 1e9
     print(f"all-reduce of {result['bytes'] / 2**20:.1f} MiB: hook's {result['n_buckets']} buckets "
@@ -165,7 +183,8 @@ def main() -> None:
           f"{br * 1e3:.1f} ms = {gb / br:.2f} GB/s (ratio {bb / br:.3f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"median_s": med, "ratio": {n: med[n] / base for n in med}, "p10_s": p10, "paired_ratio": paired, **result}, f)
+            json.dump({"median_s": med, "ratio": {n: med[n] / base for n in med}, "p10_s": p10, "paired_ratio": paired,
+                       "cpu_ratio": cpu_ratio, **result}, f)
 
 
 if __name__ == "__main__":

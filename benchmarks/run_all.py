@@ -35,14 +35,17 @@ BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "context_scale": ("bench_context_scale.py", ["--repeats", "3"],
                       ["--repeats", "1", "--worlds", "1024", "4096", "16384"]),
-    "dp_hook": ("dp_hook_vs_ddp.py", ["--rounds", "40"], ["--rounds", "12", "--warmup", "3"]),
+    # hook(25:::none): the hook with every parameter copied into a bucket (no in-place reduction).
+    "dp_hook": ("dp_hook_vs_ddp.py", ["--rounds", "40", "--hook-variants", "25", "25:::none"],
+                ["--rounds", "12", "--warmup", "3", "--hook-variants", "25", "25:::none"]),
     "tensor_parallel_256": ("bench_tensor_parallel.py", ["--rounds", "40", "--d-model", "256", "--tokens", "64"],
                             ["--rounds", "20", "--d-model", "256", "--tokens", "64"]),
     "tensor_parallel_1024": ("bench_tensor_parallel.py", ["--rounds", "20", "--d-model", "1024", "--tokens", "256"],
                              ["--rounds", "8", "--warmup", "2", "--d-model", "1024", "--tokens", "256"]),
-    "collectives": ("bench_collectives.py", ["--rounds", "40"], ["--rounds", "12", "--warmup", "2"]),
-    "collectives_fake": ("bench_collectives.py", ["--fake", "--rounds", "40"],
-                         ["--fake", "--rounds", "10", "--warmup", "2"]),
+    # Each collectives round times A B B A: half the rounds of the interleaved A B method it replaced.
+    "collectives": ("bench_collectives.py", ["--rounds", "20"], ["--rounds", "6", "--warmup", "1"]),
+    "collectives_fake": ("bench_collectives.py", ["--fake", "--rounds", "20"],
+                         ["--fake", "--rounds", "5", "--warmup", "1"]),
     "compile": ("bench_compile.py", ["--rounds", "30"], ["--rounds", "12"]),
 }
 GROUPS = {"collectives": ["collectives", "collectives_fake"],
@@ -100,9 +103,11 @@ def table_context_scale(res: dict) -> list[str]:
 
 
 def table_dp_hook(res: dict) -> list[str]:
-    lines = ["| variant | ratio to DDP default (median) | paired |", "|---|---|---|"]
+    cpu = res.get("cpu_ratio", {})  # process CPU time per step (both ranks, every thread)
+    lines = ["| variant | ratio to DDP default (median) | paired | CPU time ratio |", "|---|---|---|---|"]
     for name, ratio in res["ratio"].items():
-        lines.append(f"| {name} | {ratio:.3f} | {res['paired_ratio'][name]:.3f} |")
+        cell = f"{cpu[name]:.3f}" if name in cpu else "-"
+        lines.append(f"| {name} | {ratio:.3f} | {res['paired_ratio'][name]:.3f} | {cell} |")
     return lines
 
 

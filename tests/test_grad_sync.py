@@ -325,12 +325,59 @@ def _two_ranks(rank: int, world: int) -> dict:
     _check(r, "compress bf16", lambda: _vs_ddp(rank, ctx, "mlp", exact=False, rtol=2e-2, compress="bf16"))
     _check(r, "reduce_dtype fp32 for bf16 params", lambda: _reduce_dtype(rank, ctx))
     _check(r, "grads are bucket views across zero_grad", lambda: _views(rank, ctx))
+    # In-place reduction (in_place_mb): every parameter (ALL), or the weights in place and the
+    # biases / norms in buckets (SOME); the same results as DDP, bit for bit.
+    _check(r, "in place: mlp", lambda: _vs_ddp(rank, ctx, "mlp", in_place_mb=ALL))
+    _check(r, "in place: mlp accumulation, set_to_none alternating",
+           lambda: _vs_ddp(rank, ctx, "mlp", steps=4, micro=2, set_to_none=lambda s: s % 2 == 0, in_place_mb=ALL))
+    _check(r, "in place + buckets: layernorm adamw accumulation",
+           lambda: _vs_ddp(rank, ctx, "layernorm", micro=2, opt="adamw", in_place_mb=SOME, bucket_cap_mb=tiny))
+    _check(r, "in place: tied accumulation", lambda: _vs_ddp(rank, ctx, "tied", micro=2, in_place_mb=ALL))
+    _check(r, "in place: unused", lambda: _vs_ddp(rank, ctx, "unused", steps=4, in_place_mb=ALL))
+    _check(r, "in place + buckets: unused adamw accumulation, set_to_none alternating",
+           lambda: _vs_ddp(rank, ctx, "unused", steps=4, micro=2, opt="adamw", in_place_mb=SOME,
+                           set_to_none=lambda s: s % 2 == 0))
+    _check(r, "in place: channels_last conv (buckets keep its layout)",
+           lambda: _vs_ddp(rank, ctx, "conv", micro=2, in_place_mb=ALL))
+    _check(r, "in place: no copy, accumulation into the same .grad", lambda: _in_place_grads(rank, ctx))
     _check(r, "finish idempotent / without backward", lambda: _finish_semantics(rank, ctx))
     _check(r, "double backward refused", lambda: _double_backward(rank, ctx))
     _check(r, "remove unhooks", lambda: _remove(rank, ctx))
     _check(r, "expert param needs a context", lambda: _expect_error(
         lambda: DataParallelGradientHook(mark_expert_model(), None), ParallelCtxError, "ParallelContext"))
     return r
+
+
+ALL, SOME = 1e-9, 0.001  # in_place_mb: every parameter; only those of >= 1 KiB (the weights)
+
+
+def _in_place_grads(rank: int, ctx: ParallelContext) -> tuple[list[str], int]:
+    """In-place parameters keep the .grad backward made (no bucket storage); with
+    set_to_none=False the next backward accumulates into that same tensor."""
+    errors, n = [], 0
+    model = _build("mlp")
+    hook = DataParallelGradientHook(model, ctx, in_place_mb=SOME)
+    in_place = {name for b in hook.buckets if b["in_place"] for name in b["params"]}
+    if in_place != {"l1.weight", "l2.weight"}:
+        errors.append(f"in-place parameters {sorted(in_place)}, expected the two larger weights")
+    storages = {b.data_ptr() for b in hook.communication_buffers()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ptrs = None
+    for step in range(4):
+        opt.zero_grad(set_to_none=step < 2)
+        if step == 3:
+            ptrs = [p.grad.data_ptr() for p in model.parameters()]
+        model(_batch(rank, step, 0), rank, step).backward()
+        hook.finish()
+        for name, p in model.named_parameters():
+            n += 1
+            if (p.grad.untyped_storage().data_ptr() in storages) == (name in in_place):
+                errors.append(f"step {step} {name}: in a bucket's storage: {name not in in_place}")
+        opt.step()
+    if ptrs != [p.grad.data_ptr() for p in model.parameters()]:
+        errors.append("backward after zero_grad(set_to_none=False) replaced a .grad")
+    hook.remove()
+    return errors, n
 
 
 def mark_expert_model() -> nn.Module:
@@ -457,6 +504,7 @@ def _many_ranks(rank: int, world: int) -> dict:
     _check(r, "mlp accumulation", lambda: _vs_ddp(rank, flat, "mlp", micro=2, exact=False))
     _check(r, "tied adamw", lambda: _vs_ddp(rank, flat, "tied", opt="adamw", exact=False, bucket_cap_mb=0.0005))
     _check(r, "unused", lambda: _vs_ddp(rank, flat, "unused", steps=4, exact=False))
+    _check(r, "unused in place", lambda: _vs_ddp(rank, flat, "unused", steps=4, micro=2, exact=False, in_place_mb=ALL))
     _check(r, "layernorm", lambda: _vs_ddp(rank, flat, "layernorm", micro=2, opt="adamw", exact=False))
     if world == 4:
         # ep=2, dp=2: dense over all 4 ranks, experts summed over their 2 data-parallel peers, both / 4.
@@ -465,12 +513,14 @@ def _many_ranks(rank: int, world: int) -> dict:
                lambda: _vs_ddp(rank, moe, "layernorm", micro=2, exact=False))
         _check(r, "dense+expert vs hand reference", lambda: _vs_reference(rank, moe))
         _check(r, "dense+expert small buckets", lambda: _vs_reference(rank, moe, bucket_cap_mb=0.0005))
+        _check(r, "dense+expert in place", lambda: _vs_reference(rank, moe, in_place_mb=ALL))
         _check(r, "dense+expert baseline allreduce", lambda: _vs_reference(rank, moe, "allreduce"))
         _check(r, "ddp handler refuses experts", lambda: _expect_error(
             lambda: get_gradient_handler("ddp").setup(Mixture(moe), moe), ParallelCtxError, "expert"))
         # tp=2, dp=2: the LayerNorm is summed over TENSOR and averaged over DATA; shards only over DATA.
         tp = ParallelContext.from_torch(data_parallel_size=2, tensor_parallel_size=2)
         _check(r, "sequence-parallel sum over tensor", lambda: _vs_reference(rank, tp))
+        _check(r, "sequence-parallel (buckets) + the rest in place", lambda: _vs_reference(rank, tp, in_place_mb=ALL))
         _check(r, "sequence-parallel fp16 compressed", lambda: _vs_reference(rank, tp, rtol=2e-3, compress="fp16"))
         _check(r, "ddp handler refuses sequence-parallel", lambda: _expect_error(
             lambda: get_gradient_handler("ddp").setup(Mixture(tp, experts=False), tp), ParallelCtxError, "sequence-parallel"))
@@ -478,6 +528,7 @@ def _many_ranks(rank: int, world: int) -> dict:
         # tp=2, ep=2, dp=2: everything at once.
         full = ParallelContext.from_torch(data_parallel_size=2, tensor_parallel_size=2, expert_parallel_size=2)
         _check(r, "tp+ep+dp mixture vs hand reference", lambda: _vs_reference(rank, full))
+        _check(r, "tp+ep+dp mixture in place", lambda: _vs_reference(rank, full, in_place_mb=ALL))
         _check(r, "tp+ep+dp mixture baseline allreduce", lambda: _vs_reference(rank, full, "allreduce", micro=1))
     return r
 
@@ -592,6 +643,8 @@ def test_single_process_hook_is_a_no_op_and_options_are_checked() -> None:
         DataParallelGradientHook(model, None, reduce_dtype="fp31")
     with pytest.raises(ValueError, match="bucket_cap_mb"):
         DataParallelGradientHook(model, None, bucket_cap_mb=0)
+    with pytest.raises(ValueError, match="in_place_mb must be > 0 or None, got -1"):
+        DataParallelGradientHook(model, None, in_place_mb=-1)
 
 
 def test_strategy_gradient_handler_validates_in_lightning_cli_yaml() -> None:

@@ -53,6 +53,11 @@ LAYOUTS: dict[str, tuple[dict[str, Any], int, float | None]] = {
     # Zero bubble writes weight gradients outside autograd's accumulation (docs/traps.md #22): with dp2 a
     # replica that missed the sync would diverge from the reference.
     "pp2-dp2-zbv-acc2-clip": ({"pipeline_parallel_size": 2, "pipeline_schedule": "zbv_zero_bubble"}, 2, CLIP),
+    # The same with every parameter all-reduced in its own .grad (no bucket copy): the replayed zero
+    # accumulation must reach those hooks too.
+    "pp2-dp2-zbv-acc2-clip-in-place": ({"pipeline_parallel_size": 2, "pipeline_schedule": "zbv_zero_bubble",
+                                        "gradient_handler": {"class_path": "bucketed",
+                                                             "init_args": {"in_place_mb": 1e-9}}}, 2, CLIP),
     "pp4-looped-bfs-v2": ({"pipeline_parallel_size": 4, "pipeline_schedule": "looped_bfs",
                            "virtual_pipeline_size": 2, "num_microbatches": 8}, 1, None),
 }

@@ -257,7 +257,17 @@ def _run_dp(rank: int, world: int) -> dict[str, Any]:
                                             "auto", world, batchnorm=True, val=True, perturb=True)
     out["refused"] = _attempt(_fit, ParallelCtxStrategy(gradient_handler=NoManualHandler(), print_layout=False),
                               "manual", world)
+    # Every parameter all-reduced in its own .grad (in_place_mb, no bucket): clipping, accumulation.
+    for flow, kw in (("manual-acc", {}), ("auto", {"batchnorm": True, "val": True, "perturb": True})):
+        out[f"{flow}/ours-in-place"] = _attempt(_fit, _in_place_strategy(), flow, world, **kw)
     return out
+
+
+def _in_place_strategy(tp: bool = False) -> Any:
+    from lightning_parallelctx import ParallelCtxStrategy
+
+    return ParallelCtxStrategy(tensor_parallel_size=2 if tp else 1, print_layout=False,
+                               gradient_handler=BucketedGradientHandler(in_place_mb=1e-9))
 
 
 def _run_tp(rank: int, world: int) -> dict[str, Any]:
@@ -275,6 +285,7 @@ def _run_tp(rank: int, world: int) -> dict[str, Any]:
                                  float(strategy.reduce(torch.tensor(1.0), group="global", reduce_op="sum")),
                                  float(strategy.reduce(torch.tensor(1.0), group="tensor", reduce_op="sum")),
                                  tuple(strategy.all_gather(torch.tensor([rank])).flatten().tolist()))
+    out["auto/ours-in-place"] = _attempt(_fit, _in_place_strategy(tp=True), "auto", world, tp=True, perturb=True)
     return out
 
 
@@ -356,6 +367,15 @@ def test_sync_batchnorm_matches_one_process_on_the_whole_batch(dp_results: list[
 @pytest.mark.parametrize("flow", ["manual", "auto"])
 def test_ddp_gradient_handler_same_as_ddp_on_every_rank(dp_results: list[dict[str, Any]], flow: str) -> None:
     _compare(dp_results, flow, ours_name="ours-ddp-handler")
+
+
+@pytest.mark.parametrize("flow", ["manual-acc", "auto"])
+def test_in_place_reduction_same_as_ddp_on_every_rank(dp_results: list[dict[str, Any]], flow: str) -> None:
+    _compare(dp_results, flow, ours_name="ours-in-place")
+
+
+def test_in_place_reduction_tp2_dp2_same_as_ddp_on_every_rank(tp_results: list[dict[str, Any]]) -> None:
+    _compare(tp_results, "auto", ours_name="ours-in-place")
 
 
 def test_handler_without_manual_support_is_refused_on_every_rank(dp_results: list[dict[str, Any]]) -> None:

@@ -42,15 +42,19 @@ class BucketedGradientHandler(GradientHandler):
         first_bucket_cap_mb: size of the first bucket launched (the last layers); ``None`` = ``bucket_cap_mb``.
         reduce_dtype: reduce 16-bit parameters' gradients in this wider dtype (e.g. ``"fp32"``).
         compress: communicate gradients of wider parameters in this 16-bit dtype (``"fp16"``/``"bf16"``).
+        in_place_mb: a parameter whose gradient is at least this size in MiB is all-reduced in its
+            own ``.grad``, with no copy into a bucket; ``None``: every parameter goes through a bucket.
     """
 
     def __init__(self, bucket_cap_mb: float = 25.0, first_bucket_cap_mb: float | None = None,
-                 reduce_dtype: str | torch.dtype | None = None, compress: str | torch.dtype | None = None):
+                 reduce_dtype: str | torch.dtype | None = None, compress: str | torch.dtype | None = None,
+                 in_place_mb: float | None = 4.0):
         super().__init__()
         self.bucket_cap_mb = bucket_cap_mb
         self.first_bucket_cap_mb = first_bucket_cap_mb
         self.reduce_dtype = reduce_dtype
         self.compress = compress
+        self.in_place_mb = in_place_mb
         self.hook: DataParallelGradientHook | None = None
         # DTensor parameters replicated over the data ranks (tensor parallelism without FSDP2):
         # their local shards are reduced after the buckets, by the flat handler.
@@ -61,7 +65,8 @@ class BucketedGradientHandler(GradientHandler):
         plain, dtensors = split_params(module, ctx)
         self.hook = DataParallelGradientHook(plain, ctx, bucket_cap_mb=self.bucket_cap_mb,
                                              first_bucket_cap_mb=self.first_bucket_cap_mb,
-                                             reduce_dtype=self.reduce_dtype, compress=self.compress)
+                                             reduce_dtype=self.reduce_dtype, compress=self.compress,
+                                             in_place_mb=self.in_place_mb)
         self._dtensors = _local_shard_sync(dtensors, ctx)
         return module
 

@@ -2,14 +2,19 @@
 
 Design notes (why it is shaped like this):
 
-- Each parameter's ``.grad`` becomes a view into a flat bucket, so communication reads and writes
-  the gradients in place and nothing is copied back after the all-reduce.
+- Each bucketed parameter's ``.grad`` becomes a view into a flat bucket, so communication reads and
+  writes the gradients in place and nothing is copied back after the all-reduce.
 - With ``zero_grad(set_to_none=True)`` (Lightning's default) the next backward allocates a fresh
   ``.grad`` (docs/traps.md #16). Re-pointing ``.grad`` at a zeroed view before backward would cost a
   zero-fill plus an accumulate (read 2, write 1) per element. Instead the post-accumulate hook
   sees the fresh tensor, copies it into its view while scaling by 1/replicas (one pass, the same
   traffic as DDP with ``gradient_as_bucket_view=True``) and re-points ``.grad`` at the view. When
   ``.grad`` already is the view (``set_to_none=False``, or accumulation), it is scaled in place.
+- A parameter whose gradient is at least ``in_place_mb`` is all-reduced in place, as its own
+  collective, in the tensor backward produced: no copy at all, only an in-place scale (half the
+  memory traffic of copying into a bucket). Below that size the copy is cheaper than a collective's
+  fixed cost, so small parameters share buckets. Those parameters' "used" flags (below) ride in
+  one small extra collective launched right after the last of them.
 - Averaging = scale before a SUM all-reduce: gloo has no AVG, and pre-scaling keeps fp16/bf16
   buckets from overflowing. For power-of-two replica counts it is bit-identical to DDP.
 - Buckets are launched strictly in one fixed order (reverse parameter order, like DDP), whatever
@@ -63,12 +68,14 @@ class _Bucket:
         "comm",
         "comm_dtype",
         "comm_grads",
+        "covers",
         "dtype",
         "flags",
         "grads",
         "has_unused",
         "hook_scale",
         "index",
+        "kind",
         "numel",
         "pending",
         "plan",
@@ -93,6 +100,10 @@ class _Bucket:
         self.pending = 0
         self.has_unused = False
         self.work: Any = None
+        # "bucket": a flat bucket of views. "in_place": one parameter reduced in its own .grad
+        # (``comm`` is set at launch). "flags": the used-flags of the in-place buckets in ``covers``.
+        self.kind = "bucket"
+        self.covers: list[_Bucket] = []
 
     @property
     def two_stage(self) -> bool:
@@ -125,7 +136,7 @@ class DataParallelGradientHook(SyncSwitch):
     def __init__(self, module: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]],
                  ctx: ParallelContext | None = None, *, bucket_cap_mb: float = 25.0,
                  first_bucket_cap_mb: float | None = None, reduce_dtype: str | torch.dtype | None = None,
-                 compress: str | torch.dtype | None = None):
+                 compress: str | torch.dtype | None = None, in_place_mb: float | None = 4.0):
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
         if first_bucket_cap_mb is not None and not first_bucket_cap_mb > 0:
@@ -137,6 +148,9 @@ class DataParallelGradientHook(SyncSwitch):
                              "contradict each other; set one of them")
         if self.compress is not None and self.compress.itemsize != 2:
             raise ValueError(f"compress must be a 16-bit dtype (fp16 or bf16), got {self.compress}")
+        if in_place_mb is not None and not in_place_mb > 0:
+            raise ValueError(f"in_place_mb must be > 0 or None, got {in_place_mb!r}")
+        self.in_place_mb = in_place_mb
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.first_bucket_cap_mb = first_bucket_cap_mb
         self.ctx = ctx
@@ -179,6 +193,7 @@ class DataParallelGradientHook(SyncSwitch):
         open_buckets: dict[tuple, tuple[_Bucket, list[tuple[str, torch.nn.Parameter]], int]] = {}
         closed: list[tuple[int, _Bucket, list[tuple[str, torch.nn.Parameter]]]] = []
         last_position: dict[tuple, int] = {}
+        in_place_flags: dict[tuple, list] = {}  # key -> [position of its last in-place parameter, flags bucket]
         first = True
         for position, (name, p) in enumerate(order):
             plan = resolver.plan(p, name)
@@ -188,6 +203,17 @@ class DataParallelGradientHook(SyncSwitch):
                 raise TypeError(f"parameter {name!r} has a sparse gradient layout; the bucketed hook handles dense "
                                 f"parameters only (use the 'ddp' handler)")
             key = (p.device, p.dtype, plan.key)
+            if self._reduce_in_place(p, plan):
+                bucket = _Bucket(plan, p.dtype, p.dtype)
+                bucket.kind = "in_place"
+                closed.append((position, bucket, [(name, p)]))
+                flags = in_place_flags.get(key)
+                if flags is None:
+                    flags = in_place_flags[key] = [-1, _Bucket(plan, p.dtype, p.dtype)]
+                    flags[1].kind = "flags"
+                flags[0] = position
+                flags[1].covers.append(bucket)
+                continue
             if key not in open_buckets:
                 cap = self.first_bucket_cap_mb if first and self.first_bucket_cap_mb is not None else self.bucket_cap_mb
                 first = False
@@ -205,6 +231,8 @@ class DataParallelGradientHook(SyncSwitch):
             last_position[key] = position
         for key, (bucket, members, _) in open_buckets.items():
             closed.append((last_position[key], bucket, members))
+        for position, flags in in_place_flags.values():  # launched right after its last in-place bucket
+            closed.append((position + 0.5, flags, []))
         # A bucket is complete when its last member's gradient arrives: launch in that order.
         closed.sort(key=lambda item: item[0])
         buckets = []
@@ -214,8 +242,27 @@ class DataParallelGradientHook(SyncSwitch):
             buckets.append(bucket)
         return buckets
 
+    def _reduce_in_place(self, p: torch.nn.Parameter, plan: ReductionPlan) -> bool:
+        """Large, contiguous, communicated in its own dtype over exactly one group."""
+        return (self.in_place_mb is not None and p.numel() * p.element_size() >= self.in_place_mb * _MB
+                and p.is_contiguous() and self._comm_dtype(p.dtype) == p.dtype
+                and (plan.tensor is None) != (plan.replica is None))
+
     @staticmethod
     def _allocate(bucket: _Bucket, members: list[tuple[str, torch.nn.Parameter]]) -> None:
+        if bucket.kind == "flags":
+            bucket.buffer = bucket.comm = bucket.flags = torch.zeros(
+                len(bucket.covers), dtype=bucket.dtype, device=bucket.covers[0].slots[0].param.device)
+            for i, covered in enumerate(bucket.covers):
+                covered.flags = bucket.comm[i:i + 1]
+            return
+        if bucket.kind == "in_place":
+            name, p = members[0]
+            bucket.buffer = bucket.comm = None
+            bucket.slots.append(_Slot(p, name, bucket, None))
+            bucket.numel = p.numel()
+            bucket.pending = 1
+            return
         align = max(1, _ALIGN_BYTES // bucket.dtype.itemsize)
         offsets, total = [], 0
         for _, p in members:
@@ -271,11 +318,19 @@ class DataParallelGradientHook(SyncSwitch):
 
     @staticmethod
     def _absorb(slot: _Slot) -> None:
-        """Move this rank's gradient into the bucket (scaled), leave ``.grad`` as the view."""
+        """Move this rank's gradient into the bucket (scaled), leave ``.grad`` as the view.
+        In-place buckets scale ``.grad`` where it is."""
         p, view = slot.param, slot.view
         grad = p.grad
         scale = slot.bucket.hook_scale
-        if grad is None:
+        if view is None:
+            if grad is None:
+                p.grad = grad = torch.zeros_like(p)
+            elif not grad.is_contiguous():  # set by hand: the collective needs one dense block
+                p.grad = grad = grad.contiguous()
+            if scale != 1.0:
+                grad.mul_(scale)
+        elif grad is None:
             view.zero_()
             p.grad = view
         elif grad is view:
@@ -295,6 +350,9 @@ class DataParallelGradientHook(SyncSwitch):
             self._next += 1
 
     def _launch(self, bucket: _Bucket) -> None:
+        if bucket.kind != "bucket":
+            self._launch_in_place(bucket)
+            return
         if bucket.pending:
             for slot in bucket.slots:
                 if slot.ready:
@@ -326,6 +384,24 @@ class DataParallelGradientHook(SyncSwitch):
         if group is not None:
             bucket.work = dist.all_reduce(bucket.comm, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
+    def _launch_in_place(self, bucket: _Bucket) -> None:
+        if bucket.kind == "in_place":
+            slot = bucket.slots[0]
+            if not slot.ready:
+                if slot.seen:  # accumulated in earlier micro-batches only
+                    self._absorb(slot)
+                else:  # contribute zeros; .grad stays as it is unless another rank used the parameter
+                    slot.restore = slot.param.grad
+                    slot.unused = True
+                    bucket.has_unused = True
+                slot.ready = True
+                bucket.pending = 0
+            bucket.comm = torch.zeros_like(slot.param) if slot.unused else slot.param.grad
+            bucket.flags.fill_(0.0 if slot.unused else 1.0)
+        plan = bucket.plan
+        group = plan.tensor if plan.tensor is not None else plan.replica
+        bucket.work = dist.all_reduce(bucket.comm, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
     # ------------------------------------------------------------------ public API
     def finish(self) -> None:
         """Launch the buckets not launched yet (unused parameters contribute zeros), wait for all,
@@ -348,13 +424,16 @@ class DataParallelGradientHook(SyncSwitch):
             if bucket.work is not None:
                 bucket.work.wait()
             bucket.work = None
-            if bucket.comm is not bucket.buffer:
+            if bucket.comm is not bucket.buffer and bucket.kind == "bucket":
                 bucket.grads.copy_(bucket.comm_grads)
+        # After every wait: an in-place bucket's flag arrives with its flags bucket, launched later.
+        for bucket in buckets:
             if bucket.has_unused:
                 counts = bucket.flags.tolist()
                 for slot, count in zip(bucket.slots, counts):
                     if slot.unused:
-                        slot.param.grad = slot.view if count > 0 else slot.restore
+                        slot.param.grad = (slot.view if slot.view is not None else bucket.comm) if count > 0 \
+                            else slot.restore
         self._reset()
 
     def _reset(self) -> None:
@@ -365,6 +444,8 @@ class DataParallelGradientHook(SyncSwitch):
             bucket.pending = len(bucket.slots)
             bucket.has_unused = False
             bucket.work = None
+            if bucket.kind == "in_place":
+                bucket.comm = None  # the gradient is the parameter's, not the hook's to keep alive
         self._next = 0
         self._window = False
         self._sync_started = False
@@ -392,20 +473,28 @@ class DataParallelGradientHook(SyncSwitch):
         """One entry per bucket, in launch order: dtypes, sizes, parameter names, groups."""
         return [
             {"index": b.index, "dtype": b.dtype, "comm_dtype": b.comm_dtype, "numel": b.numel,
-             "bytes": b.comm.numel() * b.comm.element_size(), "params": [s.name for s in b.slots],
+             "bytes": _bytes(b), "params": [s.name for s in b.slots], "in_place": b.kind == "in_place",
              "replica_ranks": b.plan.replica_ranks if b.plan.replica is not None else (),
              "tensor_ranks": b.plan.tensor_ranks if b.plan.tensor is not None else ()}
-            for b in self._buckets
+            for b in self._buckets if b.kind != "flags"
         ]
 
     def communication_buffers(self) -> list[torch.Tensor]:
-        """The flat tensors each bucket all-reduces (for benchmarks)."""
-        return [b.comm for b in self._buckets]
+        """The flat tensors each bucket all-reduces (for benchmarks); for an in-place bucket, its
+        parameter's current ``.grad`` (left out while it is None)."""
+        return [b.comm if b.kind != "in_place" else b.slots[0].param.grad for b in self._buckets
+                if b.kind != "in_place" or b.slots[0].param.grad is not None]
 
     def __repr__(self) -> str:
-        total = sum(b.comm.numel() * b.comm.element_size() for b in self._buckets) / _MB
+        total = sum(map(_bytes, self._buckets)) / _MB
         return (f"DataParallelGradientHook({len(self._buckets)} buckets, {total:.1f} MB, "
                 f"bucket_cap_mb={self.bucket_cap_mb}, reduce_dtype={self.reduce_dtype}, compress={self.compress})")
+
+
+def _bytes(bucket: _Bucket) -> int:
+    if bucket.kind == "in_place":
+        return bucket.numel * bucket.dtype.itemsize
+    return bucket.comm.numel() * bucket.comm.element_size()
 
 
 def _dense_layout(p: torch.Tensor) -> bool:
