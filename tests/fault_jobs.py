@@ -9,6 +9,7 @@ so that a test can check, by pid, that no process of the job outlived it.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -142,8 +143,6 @@ class SlurmJob:
 
     def srun_result(self) -> tuple[int, int]:
         """(srun's exit code, seconds srun ran), from the line the batch script prints after it."""
-        import re
-
         match = re.search(r"srun exit code (\d+) after (\d+) s", self.finish())
         assert match, self.finish()[-3000:]
         return int(match.group(1)), int(match.group(2))
@@ -169,3 +168,9 @@ echo "srun exit code $? after $(( $(date +%s) - start )) s"
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return SlurmJob(out.stdout.strip().split(";")[0], output, pids, env)
+
+
+def weights(text: str) -> dict[int, tuple[int, int, list[float]]]:
+    """rank -> (local rank, node, first weights) from fault_fit.py's closing lines."""
+    found = re.findall(r"rank (\d+): done local_rank=(\d+) node=(\d+) weights=\[([^\]]*)\]", text)
+    return {int(r): (int(lr), int(n), [float(x) for x in w.split(",")]) for r, lr, n, w in found}
