@@ -2,6 +2,7 @@
 
 from .context import ParallelContext
 from .errors import LauncherError, ModeNotFoundError, ParallelConfigError, ParallelCtxError, RendezvousError
+from .guard import fault_guard
 from .initializers import ProcessGroupInitializer, register_mode
 from .layout import RankLayout
 from .mode import ParallelMode
@@ -21,6 +22,7 @@ __all__ = [
     "ProcessGroupInitializer",
     "RankLayout",
     "RendezvousError",
+    "fault_guard",
     "register_mode",
 ]
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import os
 import socket
 import threading
 from datetime import timedelta
@@ -130,13 +131,21 @@ def _open_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
         )
     # The store owns (and closes) the descriptor from here on, also when it fails.
     listen_fd = _listening_socket(info).detach() if is_master else None
+    seconds = int(timeout.total_seconds())
     try:
         if is_master:
-            return dist.TCPStore(info.host, info.port, info.world_size, True, timeout=timeout,
-                                 wait_for_workers=True, master_listen_fd=listen_fd)
-        return _bounded_client(info, timeout)
+            # Not torch's wait_for_workers: it counts clients, and on a timeout says "1/2 clients
+            # joined" but not which ranks are missing. Each rank posts its own key instead.
+            store = dist.TCPStore(info.host, info.port, info.world_size, True, timeout=timeout,
+                                  wait_for_workers=False, master_listen_fd=listen_fd)
+            missing = _wait_for_ranks(store, info.world_size, timeout.total_seconds())
+            if not missing:
+                return store
+        else:
+            store = _bounded_client(info, timeout)
+            store.set(_arrived_key(info.rank), "1")
+            return store
     except (RuntimeError, OSError) as err:
-        seconds = int(timeout.total_seconds())
         if is_master:
             raise RendezvousError(
                 f"rank 0: not all {info.world_size} processes reached the rendezvous at "
@@ -150,6 +159,33 @@ def _open_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
             f"log: a port in use?), or host/port differ between ranks. Raise the limit with "
             f"timeout=... if rank 0 is just slow to start."
         ) from err
+    raise RendezvousError(
+        f"rank 0: not all {info.world_size} processes reached the rendezvous at {info.host}:{info.port} within "
+        f"{seconds} s: rank(s) {missing} never connected. They never started, crashed or hang before creating "
+        f"their Trainer/context (their own output says why), or they were told another host/port. Raise the "
+        f"limit with timeout=... if they are just slow."
+        # srun leaves the other tasks running when one fails, and none of our code runs in a rank
+        # stuck before its rendezvous: only srun can end it.
+        + (" Under srun, --kill-on-bad-exit=1 ends those ranks when this one fails; without it they keep running."
+           if info.launcher == "slurm" or "SLURM_STEP_ID" in os.environ else "")
+    )
+
+
+def _arrived_key(rank: int) -> str:
+    return f"pctx_arrived/{rank}"
+
+
+def _wait_for_ranks(store: dist.Store, world_size: int, timeout_s: float) -> list[int]:
+    """Rank 0: wait (one blocking ``wait``) until every other rank has posted its arrival key; on a
+    timeout, the ranks still missing (empty when all came)."""
+    keys = [_arrived_key(r) for r in range(1, world_size)]
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+        return []
+    except RuntimeError as err:  # torch's DistStoreError (a RuntimeError) on timeout
+        if "timeout" not in str(err).lower() and "timed out" not in str(err).lower():
+            raise
+    return [r for r, key in zip(range(1, world_size), keys) if not store.check([key])]
 
 
 def _bounded_client(info: LaunchInfo, timeout: timedelta) -> dist.Store:

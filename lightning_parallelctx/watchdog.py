@@ -9,7 +9,7 @@ armed for the length of a fit, that blocks on the rendezvous store until either
 - a failing rank wakes it (:class:`.faults.FaultBoard` wakes every rank when one posts a failure), or
 - the store itself goes away (rank 0, which hosts it, died),
 
-and then, if this process is still inside the fit ``grace_s`` later, prints one line saying why
+and then, if this process is still inside the fit ``grace_s`` later, prints why and its Python stacks
 and ends the process with exit code 1. A rank that fails normally reaches its teardown, which
 disarms the watchdog, long before that. The thread blocks in the store's ``wait`` (outside the
 GIL) over its own connection: nothing is polled and the happy path pays one store ``set`` per fit
@@ -19,6 +19,7 @@ GIL) over its own connection: nothing is polled and the happy path pays one stor
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import os
 import sys
 import threading
@@ -45,9 +46,10 @@ class Watchdog:
     """Arm with :meth:`start`, disarm with :meth:`stop`. ``exit_fn`` is ``os._exit`` except in tests."""
 
     def __init__(self, host: str, port: int, prefix: str, rank: int, grace_s: float = DEFAULT_GRACE_S,
-                 exit_fn: Any = os._exit):
+                 exit_fn: Any = os._exit, scope: str = "the fit"):
         self.host, self.port, self.prefix, self.rank = host, port, prefix, rank
         self.grace_s = grace_s
+        self.scope = scope  # what the armed span is called in the message: "the fit", "the guarded loop"
         self._exit = exit_fn
         self._disarmed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -109,8 +111,21 @@ class Watchdog:
         if reason is None or self._disarmed.wait(self.grace_s):
             return  # the fit ended (teardown) within the grace: the normal path of a failure
         self.reason = reason
-        sys.stderr.write(f"{TAG} rank {self.rank} (pid {os.getpid()}): {reason}, and this rank was still inside "
-                         f"the fit {self.grace_s:.0f} s later (hung?); the watchdog ends it (exit code 1).\n")
+        self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        """Say why, show where this rank hung (every thread's Python stack: the main thread's is the
+        user's code that never returned), then end the process."""
+        head = f"{TAG} rank {self.rank} (pid {os.getpid()})"
+        sys.stderr.write(f"{head}: {reason}, and this rank was still inside {self.scope} {self.grace_s:.0f} s "
+                         f"later (hung?). Its Python stacks, to show where it hung:\n")
+        sys.stderr.flush()
+        try:
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        except (OSError, ValueError, AttributeError):  # stderr without a file descriptor (captured): no stacks
+            pass
+        sys.stderr.write(f"{head}: {reason}, and this rank was still inside {self.scope} {self.grace_s:.0f} s "
+                         f"later (hung?); the watchdog ends it (exit code 1).\n")
         sys.stderr.flush()
         self._exit(1)
 

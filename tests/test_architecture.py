@@ -19,7 +19,7 @@ PKG = "lightning_parallelctx"
 LAYERS = [
     (1, ("layout", "initializers", "launchers", "mode", "markers", "errors", "topology", "registry", "rng_map")),
     (2, ("process_groups", "rendezvous", "faults", "watchdog")),
-    (3, ("context", "current", "tables")),
+    (3, ("context", "current", "tables", "guard")),
     (4, ("distributed",)),
     (5, ("nn", "grad_sync", "random", "pipeline", "dtensor", "testing")),
     (6, ("lightning", "plan", "__main__")),

@@ -10,6 +10,7 @@ srun without --kill-on-bad-exit): the hung rank's watchdog must end it.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 
@@ -131,3 +132,42 @@ def test_hung_rank_is_ended_by_its_watchdog() -> None:
     assert err.value.errors[1] == "rank 1 exited with code 1 without reporting", err.value.errors
     assert "never joined: [1]" in err.value.errors[0], err.value.errors[0]
     assert elapsed < 120, elapsed
+
+
+def test_torchrun_store_wait_names_the_silent_ranks() -> None:
+    """Under torchrun, gloo's connection of a new group waits for one store key per peer, named by
+    the peer's rank; a timed-out wait names the ranks that never came."""
+    from lightning_parallelctx.lightning.fault_guard import _rendezvous_note, silent_ranks_in_store_wait
+
+    assert silent_ranks_in_store_wait("wait timeout after 15000ms, keys: /pctx_world1//0//cpu//0/1") == [1]
+    assert silent_ranks_in_store_wait("wait timeout after 9ms, keys: /a/2, /a/3") == [2, 3]
+    assert silent_ranks_in_store_wait("Connection closed by peer") == []
+    note = _rendezvous_note(RuntimeError("wait timeout after 15000ms, keys: /pctx_world1//0//cpu//0/2"))
+    assert note is not None and "rank(s) [2] never joined the creation of the process group" in note
+
+
+def test_rendezvous_names_the_ranks_that_never_connected() -> None:
+    """Rank 0 of 3 (here, in this process) with rank 1 connecting (a thread) and rank 2 never coming:
+    the error names rank 2, within the timeout."""
+    import threading
+
+    from lightning_parallelctx.errors import RendezvousError
+    from lightning_parallelctx.launchers import LaunchInfo
+    from lightning_parallelctx.rendezvous import _open_store, find_free_port
+
+    port = find_free_port()
+
+    def info(rank: int) -> LaunchInfo:
+        return LaunchInfo("torchrun", rank, 3, rank, 3, 0, 1, "127.0.0.1", port)
+
+    def rank1() -> None:
+        time.sleep(0.5)  # after rank 0 listens
+        _open_store(info(1), timedelta(seconds=10))
+
+    client = threading.Thread(target=rank1, daemon=True)
+    client.start()
+    start = time.monotonic()
+    with pytest.raises(RendezvousError, match=r"not all 3 processes reached the rendezvous at 127.0.0.1:\d+ within 3 s: "
+                                              r"rank\(s\) \[2\] never connected"):
+        _open_store(info(0), timedelta(seconds=3))
+    assert time.monotonic() - start < 10

@@ -2,8 +2,9 @@
 
 Three pieces, each small, wired into :class:`ParallelCtxStrategy` by one line each:
 
-- :class:`FitGuard` - armed for each fit: a :class:`~lightning_parallelctx.watchdog.Watchdog`, and on
-  an exception the :mod:`~lightning_parallelctx.faults` report (post this rank's record; for a
+- :class:`FitGuard` - the :class:`~lightning_parallelctx.guard.FaultGuard` of each fit: a
+  :class:`~lightning_parallelctx.watchdog.Watchdog`, and on an exception the
+  :mod:`~lightning_parallelctx.faults` report (post this rank's record; for a
   communication error, name the rank that failed first or the ranks that never answered, as a note
   on the exception, which Python prints as the traceback's last lines).
 - :class:`ParallelCtxLauncher` - Lightning's subprocess launcher, plus: each child dies with the
@@ -20,6 +21,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,19 +34,9 @@ import torch.distributed as dist
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from ..faults import (
-    REPORT_WAIT_S,
-    TAG,
-    FaultBoard,
-    FaultRecord,
-    context_groups,
-    explain,
-    first_failure,
-    group_positions,
-    make_record,
-)
 from ..errors import RendezvousError
-from ..watchdog import DEFAULT_GRACE_S, Watchdog
+from ..faults import REPORT_WAIT_S, TAG, FaultRecord, first_failure
+from ..guard import FaultGuard
 
 log = logging.getLogger(__name__)
 
@@ -143,70 +135,23 @@ class ParallelCtxLauncher(_SubprocessScriptLauncher):
                 proc.send_signal(signal.SIGKILL)
 
 
-def _store_address(fallback_host: str, fallback_port: int) -> tuple[str, int]:
-    """Host and port of the default group's TCPStore (rank 0's, or torchrun's agent's)."""
-    try:
-        store: Any = dist.distributed_c10d._get_default_store()
-        while store is not None and not hasattr(store, "port"):
-            store = getattr(store, "underlying_store", None)
-        if store is not None:
-            return str(store.host), int(store.port)
-    except Exception:  # noqa: BLE001 - fall back to what the launcher said
-        pass
-    return fallback_host, fallback_port
-
-
-class FitGuard:
-    """Per-strategy fault handling; one :meth:`arm` per fit, :meth:`disarm` at its teardown."""
+class FitGuard(FaultGuard):
+    """The strategy's :class:`~lightning_parallelctx.guard.FaultGuard`: one span per fit, plus what
+    only a Lightning job has (torchrun's error file, our launcher's children, the rendezvous note)."""
 
     def __init__(self) -> None:
-        self._fits = 0
-        self._board: FaultBoard | None = None
-        self._watchdog: Watchdog | None = None
-        self.failed = False
-
-    def arm(self, host: str, port: int, grace_s: float = DEFAULT_GRACE_S) -> None:
-        self.disarm()
-        self.failed = False
-        self._fits += 1
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return
-        host, port = _store_address(host, port)
-        # Per fit, and per torchelastic restart (the agent's store outlives the workers).
-        prefix = f"pctx_faults/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{self._fits}/"
-        self._board = FaultBoard(host, port, prefix, dist.get_world_size())
-        self._watchdog = Watchdog(host, port, prefix, dist.get_rank(), grace_s).start()
-
-    def disarm(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.stop()
-            self._watchdog = None
-        self._board = None
+        super().__init__("fit")
 
     def on_exception(self, exc: BaseException, ctx: Any, launcher: Any) -> None:
         """Report ``exc`` (never raises); end our children if we launched them."""
-        self.failed = True
         records: dict[int, FaultRecord] = {}
-        try:
-            note = self._report(exc, ctx, records)
-        except Exception as err:  # noqa: BLE001 - the report must never replace the error
-            note = f"{TAG} (could not gather the other ranks' reports: {err})"
-        if note:
-            exc.add_note(note)
+        if self.report(exc, ctx, records) is None:
+            note = _rendezvous_note(exc)  # before the default group exists the store carries no reports
+            if note:
+                exc.add_note(note)
         write_elastic_error_file(exc, records)
         if isinstance(launcher, ParallelCtxLauncher) and launcher.procs:
             launcher.end_children(REPORT_WAIT_S + 2.0)
-
-    def _report(self, exc: BaseException, ctx: Any, records: dict[int, FaultRecord]) -> str | None:
-        if self._board is None or not dist.is_initialized():
-            return _rendezvous_note(exc)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        me = make_record(rank, exc, group_positions(context_groups(ctx)))
-        me = self._board.post(me)
-        records[rank] = me
-        if me.comm:
-            records.update(self._board.read(wait_s=REPORT_WAIT_S))
-        return explain(me, world, records, store_reachable=me.order > 0)
 
 
 def write_elastic_error_file(exc: BaseException, records: Mapping[int, FaultRecord]) -> None:
@@ -234,11 +179,29 @@ def _rendezvous_note(exc: BaseException) -> str | None:
     """Before the default group exists the store cannot carry reports: say what torch's message means."""
     if isinstance(exc, RendezvousError):
         return None  # it says all of this itself
-    if "clients joined" in str(exc) or "waiting for clients" in str(exc):
+    text = str(exc)
+    if "clients joined" in text or "waiting for clients" in text:
         return (f"{TAG} not every rank reached the rendezvous within the timeout: some processes never started, "
                 f"crashed or hang before creating the Trainer, or were given another MASTER_ADDR/MASTER_PORT. "
                 f"Their own output says why; raise timeout= if they are only slow to start.")
+    silent = silent_ranks_in_store_wait(text)
+    if silent:
+        return (f"{TAG} rank(s) {silent} never joined the creation of the process group within the timeout: "
+                f"they never started, crashed or hang before creating their Trainer. Their own output says why; "
+                f"raise timeout= if they are only slow to start.")
     return None
+
+
+def silent_ranks_in_store_wait(text: str) -> list[int]:
+    """The ranks whose keys a timed-out store wait was waiting for, when the wait was gloo's
+    connection of a new group (under torchrun, whose agent hosts the store, that is where a rank
+    that never came shows up): ``wait timeout after 15000ms, keys: /prefix//0//cpu//0/1`` - gloo
+    waits for one key per peer, named by the peer's rank."""
+    match = re.search(r"wait timeout after \d+ms, keys: (.*)", text)
+    if match is None:
+        return []
+    ranks = [re.search(r"/(\d+)$", key.strip(" []'\"")) for key in match.group(1).split(",")]
+    return sorted({int(m.group(1)) for m in ranks if m is not None})
 
 
 @contextlib.contextmanager

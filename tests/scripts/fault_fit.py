@@ -1,4 +1,4 @@
-"""A tiny fit in which one rank misbehaves, for the fault tests (tests/test_faults.py).
+"""A tiny fit in which one rank misbehaves, for the fault tests (tests/test_faults*.py, via tests/fault_jobs.py).
 
     python tests/scripts/fault_fit.py --fault raise --rank 2 --devices 3 --timeout 10 --pids DIR
 
