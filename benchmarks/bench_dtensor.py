@@ -6,7 +6,9 @@ library's sharding and meta-device init save in memory per rank.
    ``Trainer.fit`` under both strategies, tp2 x dp2 on 4 processes. Fits alternate (A B A B ...);
    a step's time is the max over ranks of the time between batch start and batch end; the median
    per variant is reported as a ratio ours / ModelParallelStrategy. Peak RSS per rank is the
-   growth of ru_maxrss during the fit (each variant in fresh processes, so the maxima are its own).
+   growth of ru_maxrss during the fit (each variant in fresh processes, so the maxima are its own),
+   as a mean over ranks and rounds and as a max, and its growth over the second half of the steps
+   (a steady state adds nothing there).
 2. ``fsdp``: the GPT example (library layers) at tp2 x dp2, bytes per rank held in parameters,
    gradients and AdamW state, without and with ``ParallelCtxStrategy(fsdp=True)`` (exact, counted
    from the local tensors).
@@ -25,6 +27,7 @@ Machines here are small and shared: read ratios, not absolute times (docs/benchm
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -93,6 +96,8 @@ def _dtensor_fit(rank: int, world: int, variant: str, steps: int) -> dict:
 
         def on_train_batch_end(self, outputs, batch, batch_idx):
             self.times.append(time.perf_counter() - self._t)
+            if batch_idx == steps // 2 - 1:
+                self.rss_mid = _rss_mb()
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-3)
@@ -108,7 +113,8 @@ def _dtensor_fit(rank: int, world: int, variant: str, steps: int) -> dict:
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     before = _rss_mb()
     trainer.fit(model, loader)
-    return {"times": model.times[2:], "rss_growth_mb": _rss_mb() - before, "rss_setup_mb": model.rss_at_start - before}
+    return {"times": model.times[2:], "rss_growth_mb": _rss_mb() - before, "rss_setup_mb": model.rss_at_start - before,
+            "rss_second_half_mb": _rss_mb() - model.rss_mid}
 
 
 def part_dtensor(steps: int, rounds: int) -> None:
@@ -117,20 +123,29 @@ def part_dtensor(steps: int, rounds: int) -> None:
     times: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
     rss: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
     setup: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
+    late: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
     for r in range(rounds):
         order = ["model_parallel", "parallelctx"] if r % 2 == 0 else ["parallelctx", "model_parallel"]
         for variant in order:
             out = spawn(_dtensor_fit, 4, *(variant, steps), timeout=600)
             times[variant] += [max(step) for step in zip(*(o["times"] for o in out))]
-            rss[variant].append(max(o["rss_growth_mb"] for o in out))
+            rss[variant] += [o["rss_growth_mb"] for o in out]
             setup[variant].append(max(o["rss_setup_mb"] for o in out))
+            late[variant] += [o["rss_second_half_mb"] for o in out]
     med = {v: statistics.median(t) for v, t in times.items()}
     peak = {v: max(m) for v, m in rss.items()}
+    mean = {v: statistics.mean(m) for v, m in rss.items()}
     print(f"[dtensor] tp2 x dp2, {BLOCKS} SwiGLU blocks {DIM}->{HIDDEN}, batch {BATCH}/rank, AdamW + clipping")
     print(f"  step median: ModelParallelStrategy {med['model_parallel'] * 1e3:.1f} ms, "
           f"ParallelCtxStrategy {med['parallelctx'] * 1e3:.1f} ms, ratio {med['parallelctx'] / med['model_parallel']:.3f}")
-    print(f"  peak RSS growth during fit (max over ranks): ModelParallelStrategy {peak['model_parallel']:.1f} MB, "
-          f"ParallelCtxStrategy {peak['parallelctx']:.1f} MB, ratio {peak['parallelctx'] / max(peak['model_parallel'], 1e-9):.3f}")
+    print(f"  peak RSS growth during fit, mean over {len(rss['parallelctx'])} rank-runs: ModelParallelStrategy "
+          f"{mean['model_parallel']:.1f} MB, ParallelCtxStrategy {mean['parallelctx']:.1f} MB, ratio "
+          f"{mean['parallelctx'] / max(mean['model_parallel'], 1e-9):.3f}; max: {peak['model_parallel']:.1f} vs "
+          f"{peak['parallelctx']:.1f} MB, ratio {peak['parallelctx'] / max(peak['model_parallel'], 1e-9):.3f} "
+          f"(glibc heap placement varies by +-5% between identical runs)")
+    print(f"  peak RSS growth over the second half of the steps (a steady state adds ~0; long process-group names "
+          f"once added ~2 MB per step, process_groups.py): ModelParallelStrategy {max(late['model_parallel']):.1f} MB, "
+          f"ParallelCtxStrategy {max(late['parallelctx']):.1f} MB (max over ranks and rounds)")
     print(f"  of which before the first step (process groups, model, setup): ModelParallelStrategy "
           f"{max(setup['model_parallel']):.1f} MB, ParallelCtxStrategy {max(setup['parallelctx']):.1f} MB")
 
@@ -355,6 +370,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     parts = args.part.split(",")
+    # Timings on a loaded machine are not comparable with another run's: say how loaded it was.
+    print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     if "init" in parts:
         part_init()
     if "fsdp" in parts:
@@ -363,6 +380,7 @@ def main() -> None:
         part_dtensor(args.steps, args.rounds)
     if "gpt" in parts:
         part_gpt(args.steps, args.rounds)
+    print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
