@@ -322,6 +322,80 @@ def part_fsdp() -> None:
     print(f"  ratio fsdp=True / fsdp=False (total): {sum(rows[True].values()) / sum(rows[False].values()):.3f}")
 
 
+# ------------------------------------------------------------------------------ 2b. ZeRO-1 vs none vs FSDP2
+def _gpt_sharding(rank: int, world: int, option: str, steps: int) -> dict:
+    """The GPT example at tp2 x dp2 with AdamW, optimizer state unsharded ("none"), sharded over the
+    dense replicas by torch's ZeroRedundancyOptimizer ("zero1", in configure_optimizers), or
+    everything sharded by FSDP2 ("fsdp": ParallelCtxStrategy(fsdp=True))."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from examples.gpt.data import GPTDataModule
+    from examples.gpt.model import GPTLightning
+    from lightning_parallelctx import ParallelCtxStrategy
+    from lightning_parallelctx.dtensor import local
+
+    pin_to_core(rank)
+
+    class Zero1GPT(GPTLightning):
+        def configure_optimizers(self):
+            h = self.hparams
+            return ZeroRedundancyOptimizer(self.parameters(), optimizer_class=torch.optim.AdamW, lr=h.lr,
+                                           weight_decay=h.weight_decay,
+                                           process_group=self.parallel_context.get_group("dense_replica"))
+
+    class Timed(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.times.append(time.perf_counter() - self._t)
+
+    pl.seed_everything(0, verbose=False)
+    model = (Zero1GPT if option == "zero1" else GPTLightning)(**GPT, lr=1e-3)
+    data = GPTDataModule(vocab_size=GPT["vocab_size"], seq_len=GPT["seq_len"], num_samples=8 * steps,
+                         num_val_samples=8, global_batch_size=8)
+    timed = Timed()
+    trainer = pl.Trainer(accelerator="cpu", devices=4, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, gradient_clip_val=1.0, callbacks=[timed],
+                         strategy=ParallelCtxStrategy(tensor_parallel_size=2, fsdp=option == "fsdp",
+                                                      print_layout=False))
+    trainer.fit(model, data)
+
+    def size(ts) -> int:
+        return sum(local(t).numel() * local(t).element_size() for t in ts if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+    opt = trainer.optimizers[0]
+    inner = opt.optim if isinstance(opt, ZeroRedundancyOptimizer) else opt  # ZeRO keeps this rank's part there
+    state = [v for s in inner.state.values() for v in s.values()]
+    # The full weights (FSDP2 shards gathered) to compare the options' training.
+    weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+               for n, p in model.named_parameters()}
+    return {"params": size(model.parameters()), "grads": size(p.grad for p in model.parameters()),
+            "optimizer": size(state), "times": timed.times[2:], "weights": weights}
+
+
+def part_zero1(steps: int) -> None:
+    from lightning_parallelctx.testing import spawn
+
+    print(f"[zero1] GPT example {GPT}, tp2 x dp2, AdamW, clipping, {steps} steps: MB per rank (max over ranks), "
+          f"step median (max over ranks), final weights against 'none'")
+    out = {opt: spawn(_gpt_sharding, 4, opt, steps, timeout=600) for opt in ("none", "zero1", "fsdp")}
+    med = {opt: statistics.median(max(s) for s in zip(*(o["times"] for o in res))) for opt, res in out.items()}
+    for opt, res in out.items():
+        mb = {k: max(o[k] for o in res) / 2**20 for k in ("params", "grads", "optimizer")}
+        diff = max((a - b).abs().max().item() for o, ref in zip(res, out["none"])
+                   for a, b in zip(o["weights"].values(), ref["weights"].values()))
+        print(f"  {opt:5}: params {mb['params']:.2f}, grads {mb['grads']:.2f}, optimizer {mb['optimizer']:.2f}, "
+              f"total {sum(mb.values()):.2f} MB; step {med[opt] * 1e3:.1f} ms ({med[opt] / med['none']:.2f} of none); "
+              f"max |weight - none's| {diff:.2e}")
+
+
 # ------------------------------------------------------------------------------ 3. meta init
 def _gpt_init(rank: int, world: int, way: str) -> float:
     import torch
@@ -376,6 +450,8 @@ def main() -> None:
         part_init()
     if "fsdp" in parts:
         part_fsdp()
+    if "zero1" in parts:
+        part_zero1(args.steps)
     if "dtensor" in parts:
         part_dtensor(args.steps, args.rounds)
     if "gpt" in parts:

@@ -89,6 +89,11 @@ def _lightning_module(kind: str, fsdp: bool, meta: bool = False) -> Any:
                 shard = None
                 if fsdp:
                     from torch.distributed.fsdp import fully_shard as shard
+            elif kind == "lib_pipe":  # the library's layers in a PipelineSequential, as the GPT example
+                from lightning_parallelctx.pipeline import PipelineSequential
+
+                self.blocks = PipelineSequential([LibFeedForward(), LibFeedForward()])
+                shard = None
             else:
                 with torch.device("meta") if meta else contextlib.nullcontext():
                     self.blocks = torch.nn.Sequential(LibFeedForward(), LibFeedForward())
@@ -108,7 +113,10 @@ def _lightning_module(kind: str, fsdp: bool, meta: bool = False) -> Any:
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
-            loss = torch.nn.functional.mse_loss(self(x), y)
+            if kind == "lib_pipe":  # never through the PipelineSequential's forward, as the GPT example
+                loss = self.blocks.loss(x, target=y, loss_fn=torch.nn.functional.mse_loss)
+            else:
+                loss = torch.nn.functional.mse_loss(self(x), y)
             self.rec["losses"].append(float(loss))
             return loss
 
@@ -332,6 +340,8 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
         if "after_predict" in run:
             run["after_predict"] = _lib_full_weights(run["after_predict"], ctx)
         res[name] = run
+    res["lib_pipe"] = _fit(ours(), "lib_pipe")
+    res["lib_pipe_strategy_fsdp"] = _fit(ours(fsdp=True), "lib_pipe")
     res["lib_meta"] = _fit(ours(), "lib", meta=True)
     res["lib_meta"]["weights"] = _lib_full_weights(res["lib_meta"]["weights"], ctx)
     res["plain"] = _fit(ours(), "plain")
@@ -423,6 +433,19 @@ def test_library_layers_with_fsdp2(world: list[dict[str, Any]], run: str) -> Non
             assert res[run]["bytes"][kind] * 2 == res["lib"]["bytes"][kind], (kind, res[run]["bytes"], res["lib"]["bytes"])
         # The library's layers draw the unsplit nn.Linear's weights: the same model as the DTensor one.
         _close(res["lib"]["losses"], res["mp_fsdp"]["losses"])
+
+
+def test_strategy_fsdp_shards_each_layer_of_a_pipeline_sequential(world: list[dict[str, Any]]) -> None:
+    # PipelineSequential.loss runs its layers one by one, never its forward: fsdp=True must make each
+    # layer an FSDP2 unit (was: the whole PipelineSequential, whose all-gather then never ran and the
+    # GPT example failed with "aten.embedding.default got mixed torch.Tensor and DTensor").
+    for res in world:
+        _close(res["lib_pipe_strategy_fsdp"]["losses"], res["lib_pipe"]["losses"])
+        _close(res["lib_pipe_strategy_fsdp"]["norms"], res["lib_pipe"]["norms"])
+        _same_weights(res["lib_pipe_strategy_fsdp"]["weights"], res["lib_pipe"]["weights"])
+        _close(res["lib_pipe"]["losses"], res["lib"]["losses"])  # the same model as the Sequential one
+        for kind in ("params", "grads", "optimizer"):
+            assert res["lib_pipe_strategy_fsdp"]["bytes"][kind] * 2 == res["lib_pipe"]["bytes"][kind]
 
 
 def test_meta_init_gives_the_eager_models_weights(world: list[dict[str, Any]]) -> None:
