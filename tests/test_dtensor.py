@@ -493,3 +493,20 @@ def test_bad_inputs_raise_on_every_rank(world: list[dict[str, Any]]) -> None:
         assert "not managed by FSDP2" in bad["fsdp_params_to_hook"], bad["fsdp_params_to_hook"]
         assert "drops the library's tensor-parallel marks" in bad["lib_marks_lost"], bad["lib_marks_lost"]
         assert "already has DTensor parameters" in bad["fsdp_on_dtensors"], bad["fsdp_on_dtensors"]
+
+
+def test_zero1_optimizer_checkpoints_are_refused_clearly(tmp_path: Any) -> None:
+    # torch's ZeroRedundancyOptimizer trains under the strategy (benchmarks/bench_dtensor.py --part zero1:
+    # weights equal to the unsharded run's), but Lightning gives its state to rank 0 only: the sharded
+    # checkpoint refuses it on every rank, before any collective, naming the fix (was: KeyError 'state').
+    from lightning_parallelctx import ParallelConfigError, ParallelCtxStrategy
+
+    class ZeroLike(torch.optim.SGD):  # what Lightning and the check look for: consolidate_state_dict
+        def consolidate_state_dict(self, to: int = 0) -> None:
+            raise AssertionError("must not be reached: it is a collective")
+
+    strategy = ParallelCtxStrategy(tensor_parallel_size=2, print_layout=False)
+    strategy.optimizers = [ZeroLike([torch.nn.Parameter(torch.zeros(1))], lr=0.1)]
+    for call in (lambda: strategy.save_checkpoint({}, tmp_path / "c"), lambda: strategy.load_checkpoint(tmp_path / "c")):
+        with pytest.raises(ParallelConfigError, match=r"ZeroLike \(optimizer state sharded.*ZeRO-1.*fsdp=True"):
+            call()
