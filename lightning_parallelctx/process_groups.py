@@ -25,7 +25,7 @@ import torch.distributed.distributed_c10d as c10d
 #: between the tensors' buffers, and the heap then grows step after step without bound. Measured with
 #: an FSDP2 + tensor-parallel model (benchmarks/bench_dtensor.py): torch's 40-character hashed names
 #: (plus our prefix) grew the main heap by about 2.3 MB per step, 15-character names not at all, nor
-#: did the long names with TORCH_FR_BUFFER_SIZE=0.
+#: did the long names with TORCH_FR_BUFFER_SIZE=0 (docs/traps.md #29).
 MAX_GROUP_NAME_LEN = 15
 
 

@@ -101,7 +101,7 @@ def shard_model(module: torch.nn.Module, context: ParallelContext) -> bool:
 
     # A PipelineSequential's layers are called one by one (run_layers, the schedules), never through
     # its forward: each layer must be a unit, or FSDP2's pre-forward all-gather never runs (seen:
-    # "aten.embedding.default got mixed torch.Tensor and DTensor" on the GPT example).
+    # "aten.embedding.default got mixed torch.Tensor and DTensor" on the GPT example; docs/traps.md #30).
     units = [layer for sub in module.modules() if isinstance(sub, PipelineSequential)
              for _, stage in sub.local_stages() for layer in stage.chain]
     units += [block for sub in module.modules() if isinstance(sub, torch.nn.ModuleList) for block in sub]
