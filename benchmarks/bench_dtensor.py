@@ -12,6 +12,9 @@ library's sharding and meta-device init save in memory per rank.
 2. ``fsdp``: the GPT example (library layers) at tp2 x dp2, bytes per rank held in parameters,
    gradients and AdamW state, without and with ``ParallelCtxStrategy(fsdp=True)`` (exact, counted
    from the local tensors).
+2b. ``zero1``: the GPT example at tp2 x dp2 with nothing sharded, with torch's ZeroRedundancyOptimizer
+   (ZeRO-1) in configure_optimizers, and with ``fsdp=True`` (ZeRO-3): bytes per rank, step time, and
+   the final weights against the unsharded run's.
 3. ``gpt``: the GPT example (library layers) under ``ParallelCtxStrategy(fsdp=True)`` against the
    same architecture written with nn modules + ``parallelize_module`` + ``fully_shard`` under
    ModelParallelStrategy, tp2 x dp2: step time ratio, bytes held, peak RSS growth.
@@ -19,7 +22,7 @@ library's sharding and meta-device init save in memory per rank.
    tp1 (1 process) and tp4 (4 processes), with the meta-device init it uses now against the old
    way (build the full model, initialise, cut the shard).
 
-    python benchmarks/bench_dtensor.py [--part dtensor,gpt,fsdp,init] [--steps 12] [--rounds 2]
+    python benchmarks/bench_dtensor.py [--part dtensor,gpt,fsdp,zero1,init] [--steps 12] [--rounds 2]
 
 Machines here are small and shared: read ratios, not absolute times (docs/benchmarking.md).
 """
@@ -439,7 +442,7 @@ def part_init() -> None:
 def main() -> None:
     reexec_with_malloc_env()
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", default="dtensor,gpt,fsdp,init")
+    parser.add_argument("--part", default="dtensor,gpt,fsdp,zero1,init")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
