@@ -6,10 +6,15 @@ library's sharding and meta-device init save in memory per rank.
    ``Trainer.fit`` under both strategies, tp2 x dp2 on 4 processes. Fits alternate (A B A B ...);
    a step's time is the max over ranks of the time between batch start and batch end; the median
    per variant is reported as a ratio ours / ModelParallelStrategy. Peak RSS per rank is the
-   growth of ru_maxrss during the fit (each variant in fresh processes, so the maxima are its own).
+   growth of ru_maxrss during the fit (each variant in fresh processes, so the maxima are its own),
+   as a mean over ranks and rounds and as a max, and its growth over the second half of the steps
+   (a steady state adds nothing there).
 2. ``fsdp``: the GPT example (library layers) at tp2 x dp2, bytes per rank held in parameters,
    gradients and AdamW state, without and with ``ParallelCtxStrategy(fsdp=True)`` (exact, counted
    from the local tensors).
+2b. ``zero1``: the GPT example at tp2 x dp2 with nothing sharded, with torch's ZeroRedundancyOptimizer
+   (ZeRO-1) in configure_optimizers, and with ``fsdp=True`` (ZeRO-3): bytes per rank, step time, and
+   the final weights against the unsharded run's.
 3. ``gpt``: the GPT example (library layers) under ``ParallelCtxStrategy(fsdp=True)`` against the
    same architecture written with nn modules + ``parallelize_module`` + ``fully_shard`` under
    ModelParallelStrategy, tp2 x dp2: step time ratio, bytes held, peak RSS growth.
@@ -17,7 +22,7 @@ library's sharding and meta-device init save in memory per rank.
    tp1 (1 process) and tp4 (4 processes), with the meta-device init it uses now against the old
    way (build the full model, initialise, cut the shard).
 
-    python benchmarks/bench_dtensor.py [--part dtensor,gpt,fsdp,init] [--steps 12] [--rounds 2]
+    python benchmarks/bench_dtensor.py [--part dtensor,gpt,fsdp,zero1,init] [--steps 12] [--rounds 2]
 
 Machines here are small and shared: read ratios, not absolute times (docs/benchmarking.md).
 """
@@ -25,6 +30,7 @@ Machines here are small and shared: read ratios, not absolute times (docs/benchm
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -94,6 +100,8 @@ def _dtensor_fit(rank: int, world: int, variant: str, steps: int) -> dict:
 
         def on_train_batch_end(self, outputs, batch, batch_idx):
             self.times.append(time.perf_counter() - self._t)
+            if batch_idx == steps // 2 - 1:
+                self.rss_mid = _rss_mb()
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-3)
@@ -109,7 +117,8 @@ def _dtensor_fit(rank: int, world: int, variant: str, steps: int) -> dict:
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     before = _rss_mb()
     trainer.fit(model, loader)
-    return {"times": model.times[2:], "rss_growth_mb": _rss_mb() - before, "rss_setup_mb": model.rss_at_start - before}
+    return {"times": model.times[2:], "rss_growth_mb": _rss_mb() - before, "rss_setup_mb": model.rss_at_start - before,
+            "rss_second_half_mb": _rss_mb() - model.rss_mid}
 
 
 def part_dtensor(steps: int, rounds: int) -> None:
@@ -118,20 +127,29 @@ def part_dtensor(steps: int, rounds: int) -> None:
     times: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
     rss: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
     setup: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
+    late: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
     for r in range(rounds):
         order = ["model_parallel", "parallelctx"] if r % 2 == 0 else ["parallelctx", "model_parallel"]
         for variant in order:
             out = spawn(_dtensor_fit, 4, *(variant, steps), timeout=600)
             times[variant] += [max(step) for step in zip(*(o["times"] for o in out))]
-            rss[variant].append(max(o["rss_growth_mb"] for o in out))
+            rss[variant] += [o["rss_growth_mb"] for o in out]
             setup[variant].append(max(o["rss_setup_mb"] for o in out))
+            late[variant] += [o["rss_second_half_mb"] for o in out]
     med = {v: statistics.median(t) for v, t in times.items()}
     peak = {v: max(m) for v, m in rss.items()}
+    mean = {v: statistics.mean(m) for v, m in rss.items()}
     print(f"[dtensor] tp2 x dp2, {BLOCKS} SwiGLU blocks {DIM}->{HIDDEN}, batch {BATCH}/rank, AdamW + clipping")
     print(f"  step median: ModelParallelStrategy {med['model_parallel'] * 1e3:.1f} ms, "
           f"ParallelCtxStrategy {med['parallelctx'] * 1e3:.1f} ms, ratio {med['parallelctx'] / med['model_parallel']:.3f}")
-    print(f"  peak RSS growth during fit (max over ranks): ModelParallelStrategy {peak['model_parallel']:.1f} MB, "
-          f"ParallelCtxStrategy {peak['parallelctx']:.1f} MB, ratio {peak['parallelctx'] / max(peak['model_parallel'], 1e-9):.3f}")
+    print(f"  peak RSS growth during fit, mean over {len(rss['parallelctx'])} rank-runs: ModelParallelStrategy "
+          f"{mean['model_parallel']:.1f} MB, ParallelCtxStrategy {mean['parallelctx']:.1f} MB, ratio "
+          f"{mean['parallelctx'] / max(mean['model_parallel'], 1e-9):.3f}; max: {peak['model_parallel']:.1f} vs "
+          f"{peak['parallelctx']:.1f} MB, ratio {peak['parallelctx'] / max(peak['model_parallel'], 1e-9):.3f} "
+          f"(glibc heap placement varies by +-5% between identical runs)")
+    print(f"  peak RSS growth over the second half of the steps (a steady state adds ~0; long process-group names "
+          f"once added ~2 MB per step, process_groups.py): ModelParallelStrategy {max(late['model_parallel']):.1f} MB, "
+          f"ParallelCtxStrategy {max(late['parallelctx']):.1f} MB (max over ranks and rounds)")
     print(f"  of which before the first step (process groups, model, setup): ModelParallelStrategy "
           f"{max(setup['model_parallel']):.1f} MB, ParallelCtxStrategy {max(setup['parallelctx']):.1f} MB")
 
@@ -318,6 +336,80 @@ def part_fsdp() -> None:
     print(f"  ratio fsdp=True / fsdp=False (total): {sum(rows[True].values()) / sum(rows[False].values()):.3f}")
 
 
+# ------------------------------------------------------------------------------ 2b. ZeRO-1 vs none vs FSDP2
+def _gpt_sharding(rank: int, world: int, option: str, steps: int) -> dict:
+    """The GPT example at tp2 x dp2 with AdamW, optimizer state unsharded ("none"), sharded over the
+    dense replicas by torch's ZeroRedundancyOptimizer ("zero1", in configure_optimizers), or
+    everything sharded by FSDP2 ("fsdp": ParallelCtxStrategy(fsdp=True))."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from examples.gpt.data import GPTDataModule
+    from examples.gpt.model import GPTLightning
+    from lightning_parallelctx import ParallelCtxStrategy
+    from lightning_parallelctx.dtensor import local
+
+    pin_to_core(rank)
+
+    class Zero1GPT(GPTLightning):
+        def configure_optimizers(self):
+            h = self.hparams
+            return ZeroRedundancyOptimizer(self.parameters(), optimizer_class=torch.optim.AdamW, lr=h.lr,
+                                           weight_decay=h.weight_decay,
+                                           process_group=self.parallel_context.get_group("dense_replica"))
+
+    class Timed(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.times.append(time.perf_counter() - self._t)
+
+    pl.seed_everything(0, verbose=False)
+    model = (Zero1GPT if option == "zero1" else GPTLightning)(**GPT, lr=1e-3)
+    data = GPTDataModule(vocab_size=GPT["vocab_size"], seq_len=GPT["seq_len"], num_samples=8 * steps,
+                         num_val_samples=8, global_batch_size=8)
+    timed = Timed()
+    trainer = pl.Trainer(accelerator="cpu", devices=4, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, gradient_clip_val=1.0, callbacks=[timed],
+                         strategy=ParallelCtxStrategy(tensor_parallel_size=2, fsdp=option == "fsdp",
+                                                      print_layout=False))
+    trainer.fit(model, data)
+
+    def size(ts) -> int:
+        return sum(local(t).numel() * local(t).element_size() for t in ts if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+    opt = trainer.optimizers[0]
+    inner = opt.optim if isinstance(opt, ZeroRedundancyOptimizer) else opt  # ZeRO keeps this rank's part there
+    state = [v for s in inner.state.values() for v in s.values()]
+    # The full weights (FSDP2 shards gathered) to compare the options' training.
+    weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+               for n, p in model.named_parameters()}
+    return {"params": size(model.parameters()), "grads": size(p.grad for p in model.parameters()),
+            "optimizer": size(state), "times": timed.times[2:], "weights": weights}
+
+
+def part_zero1(steps: int) -> None:
+    from lightning_parallelctx.testing import spawn
+
+    print(f"[zero1] GPT example {GPT}, tp2 x dp2, AdamW, clipping, {steps} steps: MB per rank (max over ranks), "
+          f"step median (max over ranks), final weights against 'none'")
+    out = {opt: spawn(_gpt_sharding, 4, opt, steps, timeout=600) for opt in ("none", "zero1", "fsdp")}
+    med = {opt: statistics.median(max(s) for s in zip(*(o["times"] for o in res))) for opt, res in out.items()}
+    for opt, res in out.items():
+        mb = {k: max(o[k] for o in res) / 2**20 for k in ("params", "grads", "optimizer")}
+        diff = max((a - b).abs().max().item() for o, ref in zip(res, out["none"])
+                   for a, b in zip(o["weights"].values(), ref["weights"].values()))
+        print(f"  {opt:5}: params {mb['params']:.2f}, grads {mb['grads']:.2f}, optimizer {mb['optimizer']:.2f}, "
+              f"total {sum(mb.values()):.2f} MB; step {med[opt] * 1e3:.1f} ms ({med[opt] / med['none']:.2f} of none); "
+              f"max |weight - none's| {diff:.2e}")
+
+
 # ------------------------------------------------------------------------------ 3. meta init
 def _gpt_init(rank: int, world: int, way: str) -> float:
     import torch
@@ -361,19 +453,24 @@ def part_init() -> None:
 def main() -> None:
     reexec_with_malloc_env()
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", default="dtensor,gpt,fsdp,init")
+    parser.add_argument("--part", default="dtensor,gpt,fsdp,zero1,init")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     parts = args.part.split(",")
+    # Timings on a loaded machine are not comparable with another run's: say how loaded it was.
+    print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     if "init" in parts:
         part_init()
     if "fsdp" in parts:
         part_fsdp()
+    if "zero1" in parts:
+        part_zero1(args.steps)
     if "dtensor" in parts:
         part_dtensor(args.steps, args.rounds)
     if "gpt" in parts:
         part_gpt(args.steps, args.rounds)
+    print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import lightning_parallelctx.distributed
 
 from lightning_parallelctx import ParallelConfigError, ParallelContext, ParallelMode, ProcessGroupInitializer
 from lightning_parallelctx.initializers import _COMPOSITES, register_mode, unregister_mode
+from lightning_parallelctx.process_groups import MAX_GROUP_NAME_LEN, short_group_name
 from lightning_parallelctx.testing import RankFailure, openmpi_env, slurm_env, spawn
 
 SIZES = ("tensor", "pipeline", "sequence", "expert", "data")
@@ -146,19 +147,36 @@ def test_build_destroy_build():
     assert results[0] == [[0, 1], [0, 1, 2, 3], [0, 1]]
 
 
-def _rebuild_in_user_world(rank: int, world: int) -> int:
+def _rebuild_in_user_world(rank: int, world: int) -> tuple[int, list[str]]:
     # With a world the user owns only the sub-groups go; same-rank groups must not meet stale keys.
     dist.init_process_group("gloo")
+    names = []
     for _ in range(3):
         ctx = ParallelContext.from_torch(tensor_parallel_size=2, timeout=30)
         _verify(ctx)
+        names += [ctx.get_group(m).group_name for m in ("tensor", "data")]
         ctx.destroy()
-    return ctx.new_group_calls
+    return ctx.new_group_calls, names
 
 
 def test_build_destroy_build_in_user_world():
+    results = spawn(_rebuild_in_user_world, 4, timeout=120)
     # tensor + data + the one singleton group shared by the size-1 modes _verify asks for
-    assert spawn(_rebuild_in_user_world, 4, timeout=120) == [3] * 4
+    assert [calls for calls, _ in results] == [3] * 4
+    for rank, (_, names) in enumerate(results):
+        # A new name per build and group; short, so torch's flight recorder keeps none on the heap
+        # per collective (process_groups.MAX_GROUP_NAME_LEN: longer names grew the heap every step).
+        assert len(set(names)) == 6 and all(len(n) <= MAX_GROUP_NAME_LEN for n in names), names
+        # Every member of a group knows it by the same name (it prefixes the group's store keys).
+        partner = results[rank ^ 1][1]  # the other rank of this tensor group
+        assert names[0::2] == partner[0::2]
+
+
+def test_short_group_names():
+    a = short_group_name("pctx1_", [0, 1])
+    assert a == short_group_name("pctx1_", [0, 1]) and len(a) == MAX_GROUP_NAME_LEN and a.startswith("p")
+    assert len({a, short_group_name("pctx2_", [0, 1]), short_group_name("pctx1_", [0, 2]),
+                short_group_name("pctx1_", [10, 1])}) == 4
 
 
 def _device_mesh(rank: int, world: int) -> dict:

@@ -72,8 +72,9 @@ def check_marks_kept(module: torch.nn.Module, fsdp: dict[int, Any]) -> None:
 
 def shard_model(module: torch.nn.Module, context: ParallelContext) -> bool:
     """The strategy's ``fsdp=True``: FSDP2 (ZeRO-3) over the dense replicas, as torchtitan and
-    Lightning's tensor-parallel example apply it: each element of every ``nn.ModuleList`` (the
-    transformer blocks) is one unit, then each direct child of ``module`` with parameters.
+    Lightning's tensor-parallel example apply it: each layer of a ``PipelineSequential`` and each
+    element of every ``nn.ModuleList`` (the transformer blocks) is one unit, then each direct child
+    of ``module`` with parameters.
 
     Expert and sequence-parallel parameters stay out of FSDP2 (``ignored_params``): FSDP2 would
     average them over the dense replicas, but they need the expert replicas / a sum over TENSOR,
@@ -96,7 +97,14 @@ def shard_model(module: torch.nn.Module, context: ParallelContext) -> bool:
         )
     mesh = lightning_device_mesh(context)["data_parallel"]
     ignored = {p for p in module.parameters() if is_expert(p) or is_sequence_parallel(p)}
-    units = [block for sub in module.modules() if isinstance(sub, torch.nn.ModuleList) for block in sub]
+    from ..pipeline import PipelineSequential
+
+    # A PipelineSequential's layers are called one by one (run_layers, the schedules), never through
+    # its forward: each layer must be a unit, or FSDP2's pre-forward all-gather never runs (seen:
+    # "aten.embedding.default got mixed torch.Tensor and DTensor" on the GPT example; docs/traps.md #31).
+    units = [layer for sub in module.modules() if isinstance(sub, PipelineSequential)
+             for _, stage in sub.local_stages() for layer in stage.chain]
+    units += [block for sub in module.modules() if isinstance(sub, torch.nn.ModuleList) for block in sub]
     units += [child for child in module.children() if any(True for _ in child.parameters())]
     for unit in units:
         if any(p not in ignored for p in unit.parameters()):

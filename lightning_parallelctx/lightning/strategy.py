@@ -79,6 +79,23 @@ def _same_build_everywhere(ctx: ParallelContext | None) -> bool:
     return build >= 0 and int(both[0]) == build == -int(both[1])
 
 
+def _refuse_consolidating_optimizers(optimizers: list[Optimizer], action: str) -> None:
+    """torch's ZeroRedundancyOptimizer (ZeRO-1) trains under this strategy, but Lightning hands only
+    global rank 0 its consolidated state and the other ranks an empty dict, which the sharded
+    checkpoint cannot store (seen: KeyError 'state' on three ranks, a reset connection on the fourth).
+    Same answer on every rank (same optimizer types), before any collective of the save or load."""
+    for opt in optimizers:
+        inner = getattr(opt, "_optimizer", opt)  # a LightningOptimizer wraps the user's
+        if hasattr(inner, "consolidate_state_dict"):
+            raise ParallelConfigError(
+                f"cannot {action} a checkpoint with {type(inner).__name__} (optimizer state sharded over the data "
+                f"ranks, ZeRO-1): ParallelCtxStrategy's sharded checkpoints need every rank's own optimizer state, "
+                f"and this optimizer gives it only to rank 0 after gathering. Fix: ParallelCtxStrategy(fsdp=True) "
+                f"(parameters, gradients and optimizer state sharded, checkpointed), a plain optimizer, or "
+                f"Trainer(enable_checkpointing=False)"
+            )
+
+
 def _check_size(name: str, value: Any, allow_auto: bool = False) -> Any:
     if allow_auto and (value is None or value == "auto"):
         return "auto"
@@ -555,12 +572,14 @@ class ParallelCtxStrategy(ParallelStrategy):
                 f"Fix: call trainer.save_checkpoint(path) without storage_options (write to a local or mounted "
                 f"path and copy the directory afterwards)"
             )
+        _refuse_consolidating_optimizers(self.optimizers, "save")
         path = self.broadcast(str(filepath))
         assert self.lightning_module is not None
         self._saver.save(checkpoint, path, self.lightning_module, self.optimizers, self.parallel_context)
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         self._saver.wait()
+        _refuse_consolidating_optimizers(self.optimizers, "load")
         path = self.broadcast(str(checkpoint_path))
         assert self.lightning_module is not None
         checkpoint = _ckpt.load_sharded_checkpoint(path, self.lightning_module, self.parallel_context, weights_only,
