@@ -76,6 +76,7 @@ def _dtensor_fit(rank: int, world: int, variant: str, steps: int) -> dict:
             super().__init__()
             self.blocks = None
             self.times: list[float] = []
+            self.cpu_times: list[float] = []  # process CPU time per step: what load on the shared cores cannot inflate
 
         def configure_model(self) -> None:
             from torch.distributed.fsdp import fully_shard
@@ -96,10 +97,11 @@ def _dtensor_fit(rank: int, world: int, variant: str, steps: int) -> dict:
             self.rss_at_start = _rss_mb()
 
         def on_train_batch_start(self, batch, batch_idx):
-            self._t = time.perf_counter()
+            self._t, self._c = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, outputs, batch, batch_idx):
             self.times.append(time.perf_counter() - self._t)
+            self.cpu_times.append(time.process_time() - self._c)
             if batch_idx == steps // 2 - 1:
                 self.rss_mid = _rss_mb()
 
@@ -117,7 +119,7 @@ def _dtensor_fit(rank: int, world: int, variant: str, steps: int) -> dict:
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     before = _rss_mb()
     trainer.fit(model, loader)
-    return {"times": model.times[2:], "rss_growth_mb": _rss_mb() - before, "rss_setup_mb": model.rss_at_start - before,
+    return {"times": model.times[2:], "cpu": model.cpu_times[2:], "rss_growth_mb": _rss_mb() - before, "rss_setup_mb": model.rss_at_start - before,
             "rss_second_half_mb": _rss_mb() - model.rss_mid}
 
 
@@ -125,6 +127,7 @@ def part_dtensor(steps: int, rounds: int) -> None:
     from lightning_parallelctx.testing import spawn
 
     times: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
+    cpu: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
     rss: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
     setup: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
     late: dict[str, list[float]] = {"model_parallel": [], "parallelctx": []}
@@ -133,6 +136,7 @@ def part_dtensor(steps: int, rounds: int) -> None:
         for variant in order:
             out = spawn(_dtensor_fit, 4, *(variant, steps), timeout=600)
             times[variant] += [max(step) for step in zip(*(o["times"] for o in out))]
+            cpu[variant] += [sum(step) for step in zip(*(o["cpu"] for o in out))]
             rss[variant] += [o["rss_growth_mb"] for o in out]
             setup[variant].append(max(o["rss_setup_mb"] for o in out))
             late[variant] += [o["rss_second_half_mb"] for o in out]
@@ -142,6 +146,9 @@ def part_dtensor(steps: int, rounds: int) -> None:
     print(f"[dtensor] tp2 x dp2, {BLOCKS} SwiGLU blocks {DIM}->{HIDDEN}, batch {BATCH}/rank, AdamW + clipping")
     print(f"  step median: ModelParallelStrategy {med['model_parallel'] * 1e3:.1f} ms, "
           f"ParallelCtxStrategy {med['parallelctx'] * 1e3:.1f} ms, ratio {med['parallelctx'] / med['model_parallel']:.3f}")
+    cmed = {v: statistics.median(t) for v, t in cpu.items()}
+    print(f"  CPU time per step, all 4 ranks together (median): ModelParallelStrategy {cmed['model_parallel'] * 1e3:.1f} ms, "
+          f"ParallelCtxStrategy {cmed['parallelctx'] * 1e3:.1f} ms, ratio {cmed['parallelctx'] / cmed['model_parallel']:.3f}")
     print(f"  peak RSS growth during fit, mean over {len(rss['parallelctx'])} rank-runs: ModelParallelStrategy "
           f"{mean['model_parallel']:.1f} MB, ParallelCtxStrategy {mean['parallelctx']:.1f} MB, ratio "
           f"{mean['parallelctx'] / max(mean['model_parallel'], 1e-9):.3f}; max: {peak['model_parallel']:.1f} vs "
