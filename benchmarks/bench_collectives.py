@@ -15,13 +15,13 @@ Ours and the peer are checked to give the same output and input gradient before 
 a rank cannot know the other pieces' sizes, so they are exchanged first (one small all-gather);
 pass ``sizes=`` (the layers do) and it is the same single call as the peer.
 
-Method (docs/benchmarking.md): each round times every case as A B B A bursts (ours, peer, peer,
-ours; mirrored every other round), cases in a rotating order; each rank pinned to its own core,
+Method (docs/benchmarking.md): each round times every case as two bursts of ours and two of the
+peer in an order shuffled per round (a seed the ranks share), cases in a rotating order; each rank pinned to its own core,
 one torch thread, glibc MALLOC_* thresholds set, a call's time is the max over ranks; small
 messages are timed in bursts (a barrier's jitter would swamp one call). With ``--fake`` the clock
 is the thread's CPU time (everything runs in the calling thread, so time the core spent on other
 processes does not count), otherwise wall time. Ratios: "median" = ratio of the medians,
-"paired" = median of the per-round ABBA ratios (robust to drift), "min" / "added us" = ratio and
+"paired" = median of the per-round ratios (robust to drift), "min" / "added us" = ratio and
 difference of the fastest rounds (the right statistic with ``--fake``, where a call is pure CPU
 work that neighbours can only slow down).
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 
@@ -341,14 +342,19 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
             return (clock() - t0) / reps
 
         for r in range(args["warmup"] + args["rounds"]):
-            for key in keys[r % len(keys):] + keys[: r % len(keys)]:  # rotate: no case always first
-                # A B B A (ours, peer, peer, ours; the other way round every other round): both sides
-                # of a pair see the same drift in load, so their ratio cancels it to first order.
-                a, b = (0, 1) if r % 2 == 0 else (1, 0)
-                t_a1, t_b1, t_b2, t_a2 = burst(key, a), burst(key, b), burst(key, b), burst(key, a)
+            for k, key in enumerate(keys[r % len(keys):] + keys[: r % len(keys)]):  # rotate: no case always first
+                # Two bursts each of ours (0) and the peer (1) in an order drawn per round from a seed
+                # every rank shares. A fixed pattern (A B B A mirrored, or A B | B A) left a position
+                # bias at 64 KiB: the same peer call timed in two fixed slots differed by up to 20%,
+                # while shuffled slots of identical calls agree to a few per cent.
+                slots = [0, 1, 0, 1]
+                random.Random(r * 1009 + k).shuffle(slots)
+                got: dict[int, list[float]] = {0: [], 1: []}
+                for i in slots:
+                    got[i].append(burst(key, i))
                 if r >= args["warmup"]:
-                    times[(key, a)].append((t_a1 + t_a2) / 2)
-                    times[(key, b)].append((t_b1 + t_b2) / 2)
+                    for i in (0, 1):
+                        times[(key, i)].append(sum(got[i]) / 2)
         res = {}
         for key in cases:
             t = torch.tensor([times[(key, 0)], times[(key, 1)]], dtype=torch.float64)
@@ -393,7 +399,7 @@ def main() -> None:
     wall = time.perf_counter() - started
     where = "1 process as rank 0 of 2 on the no-op fake backend (no communication)" if args.fake else "2 ranks, gloo"
     clock = "thread CPU time" if args.fake else "wall time"
-    print(f"{where}, fp32; {args.rounds} rounds (+{args.warmup} warm-up) of ABBA bursts, {clock}; time = max over "
+    print(f"{where}, fp32; {args.rounds} rounds (+{args.warmup} warm-up) of shuffled bursts (2 ours + 2 peer), {clock}; time = max over "
           f"ranks; ratio = ours / peer (median of medians, and median of per-round ratios); wall {wall:.0f} s")
     for label, block in res.items():
         print(f"\n{label} (full tensor {block['bytes'] / 2**20:.3f} MiB, bursts of {block['reps']}; "

@@ -42,7 +42,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                             ["--rounds", "20", "--d-model", "256", "--tokens", "64"]),
     "tensor_parallel_1024": ("bench_tensor_parallel.py", ["--rounds", "20", "--d-model", "1024", "--tokens", "256"],
                              ["--rounds", "8", "--warmup", "2", "--d-model", "1024", "--tokens", "256"]),
-    # Each collectives round times A B B A: half the rounds of the interleaved A B method it replaced.
+    # Each collectives round times two bursts of each side in a shuffled order.
     "collectives": ("bench_collectives.py", ["--rounds", "20"], ["--rounds", "6", "--warmup", "1"]),
     "collectives_fake": ("bench_collectives.py", ["--fake", "--rounds", "20"],
                          ["--fake", "--rounds", "5", "--warmup", "1"]),
