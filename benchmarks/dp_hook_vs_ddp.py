@@ -36,12 +36,15 @@ def _model(torch):
 
 
 def _parse_hook_variant(spec: str) -> tuple[str, dict]:
-    """``cap[:first_cap[:compress[:in_place_mb]]]``, e.g. ``25``, ``25:1``, ``25::bf16``, ``25:::none``."""
-    cap, first, compress, in_place = (spec.split(":") + ["", "", ""])[:4]
+    """``cap[:first_cap[:compress[:in_place_mb[:seed]]]]``, e.g. ``25``, ``25:1``, ``25::bf16``,
+    ``25:::none``, ``25::::0`` (seed 0: average_in_backward=False, the hook scales every gradient)."""
+    cap, first, compress, in_place, seed = (spec.split(":") + ["", "", "", ""])[:5]
     options = {"bucket_cap_mb": float(cap), "first_bucket_cap_mb": float(first) if first else None,
                "compress": compress or None}
     if in_place:
         options["in_place_mb"] = None if in_place == "none" else float(in_place)
+    if seed:
+        options["average_in_backward"] = seed != "0"
     return f"hook({spec})", options
 
 
@@ -82,7 +85,12 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
         dist.barrier()  # both ranks start together: a late start must not count as sync time
         c0, t0 = time.process_time(), time.perf_counter()
         model.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
+        loss = model(x).square().mean()
+        if handler is None:
+            loss.backward()
+        else:  # as ParallelCtxStrategy.backward does (the DDP and flat handlers hand the loss back as it is)
+            with handler.scaled_backward(loss) as seeded:
+                seeded.backward()
         if handler is not None:
             handler.finish()
         return time.perf_counter() - t0, time.process_time() - c0
@@ -142,8 +150,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--bw-reps", type=int, default=20)
     parser.add_argument("--hook-variants", nargs="+", default=["25"],
-                        help="bucket_cap_mb[:first_bucket_cap_mb[:compress[:in_place_mb]]] of each hook variant, e.g. "
-                             "25 25:1 25::bf16 25:::none (every parameter through a bucket); "
+                        help="bucket_cap_mb[:first_bucket_cap_mb[:compress[:in_place_mb[:seed]]]] of each hook variant, "
+                             "e.g. 25 25:1 25::bf16 25:::none (every parameter through a bucket) 25::::0 (the hook "
+                             "scales every gradient instead of the backward's seed); "
                              "the first one's buckets are used for the bandwidth figure")
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args()

@@ -139,9 +139,22 @@ def _diff(a: torch.Tensor | None, b: torch.Tensor | None, exact: bool, rtol: flo
     return None if err <= rtol else f"relative error {err:.3e} > {rtol}"
 
 
+def _backward_through(handler: object | None) -> Callable[[torch.Tensor], None]:
+    """``loss.backward()``, or (a handler given) as ParallelCtxStrategy.backward runs it: through
+    ``handler.scaled_backward``, which may fold the average into the seed."""
+    if handler is None:
+        return lambda loss: loss.backward()
+
+    def backward(loss: torch.Tensor) -> None:
+        with handler.scaled_backward(loss) as seeded:
+            seeded.backward()
+    return backward
+
+
 def _train(model: nn.Module, run: nn.Module, finish: Callable[[], None], no_sync: Callable, rank: int, *,
            steps: int, micro: int, opt: str, set_to_none: Callable[[int], bool] = lambda s: True,
-           dtype: torch.dtype = torch.float32) -> tuple[list[list[torch.Tensor | None]], list[torch.Tensor]]:
+           dtype: torch.dtype = torch.float32, backward: Callable[[torch.Tensor], None] = _backward_through(None),
+           ) -> tuple[list[list[torch.Tensor | None]], list[torch.Tensor]]:
     """Train ``steps`` optimizer steps of ``micro`` micro-batches; return grads per step and final weights."""
     params = list(model.parameters())
     optim = (torch.optim.SGD(params, lr=0.05, momentum=0.9) if opt == "sgd"
@@ -151,7 +164,7 @@ def _train(model: nn.Module, run: nn.Module, finish: Callable[[], None], no_sync
         optim.zero_grad(set_to_none=set_to_none(step))
         for m in range(micro):
             with no_sync() if m < micro - 1 else contextlib.nullcontext():
-                run(_batch(rank, step, m, dtype), rank, step).backward()
+                backward(run(_batch(rank, step, m, dtype), rank, step))
         finish()
         grads.append([None if p.grad is None else p.grad.detach().clone() for p in params])
         optim.step()
@@ -174,8 +187,10 @@ def _compare(ours: tuple, ref: tuple, exact: bool, rtol: float) -> tuple[list[st
 
 def _vs_ddp(rank: int, ctx: ParallelContext | None, model_name: str, spec: object = "bucketed", *,
             steps: int = 3, micro: int = 1, opt: str = "sgd", exact: bool = True, rtol: float = 1e-6,
-            set_to_none: Callable[[int], bool] = lambda s: True, **handler_kwargs: object) -> tuple[list[str], int]:
-    """Our handler against torch DDP over the dense replica group, same data, same optimizer."""
+            set_to_none: Callable[[int], bool] = lambda s: True, seeded: bool = False,
+            **handler_kwargs: object) -> tuple[list[str], int]:
+    """Our handler against torch DDP over the dense replica group, same data, same optimizer;
+    ``seeded``: our backward runs through ``handler.scaled_backward`` (as the strategy's does)."""
     group = ctx.get_group("dense_replica") if ctx is not None else None
     ref_model = _build(model_name)
     ddp = nn.parallel.DistributedDataParallel(ref_model, process_group=group,
@@ -186,7 +201,7 @@ def _vs_ddp(rank: int, ctx: ParallelContext | None, model_name: str, spec: objec
     handler = get_gradient_handler(spec, **handler_kwargs)
     run = handler.setup(model, ctx)
     ours = _train(model, run, handler.finish, handler.no_sync, rank, steps=steps, micro=micro, opt=opt,
-                  set_to_none=set_to_none)
+                  set_to_none=set_to_none, backward=_backward_through(handler if seeded else None))
     handler.remove()
     return _compare(ours, ref, exact, rtol)
 
@@ -249,19 +264,20 @@ class Mixture(nn.Module):
 
 
 def _vs_reference(rank: int, ctx: ParallelContext, spec: str = "bucketed", steps: int = 2, micro: int = 2,
-                  rtol: float = 1e-6, **kwargs: object) -> tuple[list[str], int]:
+                  rtol: float = 1e-6, seeded: bool = False, **kwargs: object) -> tuple[list[str], int]:
     """Mixture model: the handler's gradients against the hand-computed reduction (weights fixed)."""
     ref_model = Mixture(ctx)
     local = _local_grads(ref_model, rank, steps, micro)
     model = Mixture(ctx)
     handler = get_gradient_handler(spec, **kwargs)
     run = handler.setup(model, ctx)
+    backward = _backward_through(handler if seeded else None)
     errors, n = [], 0
     for step in range(steps):
         model.zero_grad(set_to_none=True)
         for m in range(micro):
             with handler.no_sync() if m < micro - 1 else contextlib.nullcontext():
-                run(_batch(rank, step, m), rank, step).backward()
+                backward(run(_batch(rank, step, m), rank, step))
         handler.finish()
         expected = _expected(ctx, ref_model, local[step])
         for (name, p), e in zip(model.named_parameters(), expected):
@@ -340,6 +356,22 @@ def _two_ranks(rank: int, world: int) -> dict:
     _check(r, "in place: channels_last conv (buckets keep its layout)",
            lambda: _vs_ddp(rank, ctx, "conv", micro=2, in_place_mb=ALL))
     _check(r, "in place: no copy, accumulation into the same .grad", lambda: _in_place_grads(rank, ctx))
+    # The average folded into the backward's seed (scaled_backward, the strategy's path): bit-exact
+    # with DDP where it applies, and the fall-backs (accumulation, gradients not reset) as well.
+    _check(r, "seeded: mlp", lambda: _vs_ddp(rank, ctx, "mlp", seeded=True))
+    _check(r, "seeded: mlp in place", lambda: _vs_ddp(rank, ctx, "mlp", seeded=True, in_place_mb=ALL))
+    _check(r, "seeded: layernorm adamw, in place + small buckets",
+           lambda: _vs_ddp(rank, ctx, "layernorm", opt="adamw", seeded=True, in_place_mb=SOME, bucket_cap_mb=tiny))
+    _check(r, "seeded: tied", lambda: _vs_ddp(rank, ctx, "tied", opt="adamw", seeded=True))
+    _check(r, "seeded: unused, small buckets", lambda: _vs_ddp(rank, ctx, "unused", steps=4, seeded=True,
+                                                               bucket_cap_mb=tiny))
+    _check(r, "seeded: channels_last conv", lambda: _vs_ddp(rank, ctx, "conv", seeded=True))
+    _check(r, "seeded: accumulation x3 (falls back)", lambda: _vs_ddp(rank, ctx, "mlp", micro=3, seeded=True))
+    _check(r, "seeded: set_to_none alternating (falls back)",
+           lambda: _vs_ddp(rank, ctx, "unused", steps=4, micro=1, seeded=True, set_to_none=lambda s: s % 2 == 0))
+    _check(r, "seeded: compress bf16 (not seeded)",
+           lambda: _vs_ddp(rank, ctx, "mlp", exact=False, rtol=2e-2, compress="bf16", seeded=True))
+    _check(r, "seeded: when it applies, and a mixed window refused", lambda: _seed_rules(rank, ctx))
     _check(r, "finish idempotent / without backward", lambda: _finish_semantics(rank, ctx))
     _check(r, "double backward refused", lambda: _double_backward(rank, ctx))
     _check(r, "remove unhooks", lambda: _remove(rank, ctx))
@@ -349,6 +381,46 @@ def _two_ranks(rank: int, world: int) -> dict:
 
 
 ALL, SOME = 1e-9, 0.001  # in_place_mb: every parameter; only those of >= 1 KiB (the weights)
+
+
+def _seed_rules(rank: int, ctx: ParallelContext) -> tuple[list[str], int]:
+    """The seed is scaled only where that is exact, and only the seed: the loss keeps its value."""
+    errors: list[str] = []
+    model = _build("mlp")
+    handler = get_gradient_handler("bucketed")
+    handler.setup(model, ctx)
+    hook = handler.hook
+    loss = model(_batch(rank, 0, 0), rank, 0)
+    with handler.scaled_backward(loss) as seeded:
+        if seeded is loss or not torch.equal(seeded, loss) or hook.exact_seed() != 0.5:
+            errors.append(f"fresh gradients, 2 replicas: seed {hook.exact_seed()}, value {seeded} vs {loss}")
+        seeded.backward()
+    handler.finish()
+    if hook.exact_seed() != 1.0:  # .grad now holds averaged gradients: old + new/2 would be wrong
+        errors.append(f"gradients present: seed {hook.exact_seed()}, expected 1.0")
+    model.zero_grad(set_to_none=True)
+    with handler.no_sync():
+        if hook.exact_seed() != 1.0:
+            errors.append("inside no_sync the seed must stay 1 (DDP's local gradients)")
+    # A window whose backward passes are seeded differently cannot be averaged: refused, clearly.
+    with handler.no_sync():
+        model(_batch(rank, 0, 0), rank, 0).backward()
+    loss = model(_batch(rank, 0, 1), rank, 0)
+    try:
+        with hook.scaled_backward(loss, factor=0.5) as seeded:
+            seeded.backward()
+        errors.append("a window mixing seeds 1 and 0.5 was accepted")
+    except RuntimeError as err:
+        if "seeded with 0.5" not in str(err) or "accumulation window" not in str(err):
+            errors.append(f"unclear error: {err}")
+    handler.remove()
+    plain = get_gradient_handler("bucketed", average_in_backward=False)
+    plain.setup(_build("mlp"), ctx)
+    with plain.scaled_backward(loss) as seeded:
+        if seeded is not loss:
+            errors.append("average_in_backward=False still scaled the seed")
+    plain.remove()
+    return errors, 5
 
 
 def _in_place_grads(rank: int, ctx: ParallelContext) -> tuple[list[str], int]:
@@ -505,6 +577,7 @@ def _many_ranks(rank: int, world: int) -> dict:
     _check(r, "tied adamw", lambda: _vs_ddp(rank, flat, "tied", opt="adamw", exact=False, bucket_cap_mb=0.0005))
     _check(r, "unused", lambda: _vs_ddp(rank, flat, "unused", steps=4, exact=False))
     _check(r, "unused in place", lambda: _vs_ddp(rank, flat, "unused", steps=4, micro=2, exact=False, in_place_mb=ALL))
+    _check(r, "seeded", lambda: _vs_ddp(rank, flat, "layernorm", opt="adamw", exact=False, seeded=True))
     _check(r, "layernorm", lambda: _vs_ddp(rank, flat, "layernorm", micro=2, opt="adamw", exact=False))
     if world == 4:
         # ep=2, dp=2: dense over all 4 ranks, experts summed over their 2 data-parallel peers, both / 4.
@@ -514,6 +587,7 @@ def _many_ranks(rank: int, world: int) -> dict:
         _check(r, "dense+expert vs hand reference", lambda: _vs_reference(rank, moe))
         _check(r, "dense+expert small buckets", lambda: _vs_reference(rank, moe, bucket_cap_mb=0.0005))
         _check(r, "dense+expert in place", lambda: _vs_reference(rank, moe, in_place_mb=ALL))
+        _check(r, "dense+expert seeded (1/4 in the seed)", lambda: _vs_reference(rank, moe, micro=1, seeded=True))
         _check(r, "dense+expert baseline allreduce", lambda: _vs_reference(rank, moe, "allreduce"))
         _check(r, "ddp handler refuses experts", lambda: _expect_error(
             lambda: get_gradient_handler("ddp").setup(Mixture(moe), moe), ParallelCtxError, "expert"))
@@ -521,6 +595,7 @@ def _many_ranks(rank: int, world: int) -> dict:
         tp = ParallelContext.from_torch(data_parallel_size=2, tensor_parallel_size=2)
         _check(r, "sequence-parallel sum over tensor", lambda: _vs_reference(rank, tp))
         _check(r, "sequence-parallel (buckets) + the rest in place", lambda: _vs_reference(rank, tp, in_place_mb=ALL))
+        _check(r, "sequence-parallel seeded", lambda: _vs_reference(rank, tp, micro=1, seeded=True, in_place_mb=ALL))
         _check(r, "sequence-parallel fp16 compressed", lambda: _vs_reference(rank, tp, rtol=2e-3, compress="fp16"))
         _check(r, "ddp handler refuses sequence-parallel", lambda: _expect_error(
             lambda: get_gradient_handler("ddp").setup(Mixture(tp, experts=False), tp), ParallelCtxError, "sequence-parallel"))
@@ -699,3 +774,20 @@ def test_strategy_gradient_handler_validates_in_lightning_cli_yaml() -> None:
     spec = {"class_path": "lightning_parallelctx.grad_sync.DDPGradientHandler", "init_args": {"bucket_cap_mb": 4}}
     assert type(make_gradient_handler(ParallelCtxStrategy(gradient_handler=spec)._gradient_handler_spec)) is DDPGradientHandler
     ParallelCtxStrategy(gradient_handler=BucketedGradientHandler(bucket_cap_mb=2))
+
+
+def test_seed_factor_only_where_scaling_the_seed_is_exact() -> None:
+    from types import SimpleNamespace
+
+    from lightning_parallelctx.grad_sync.hook import _exact_seed_factor
+
+    def bucket(divisor: int, kind: str = "bucket", cast: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(kind=kind, scale=1.0 / divisor, hook_scale=1.0 if cast else 1.0 / divisor)
+
+    assert _exact_seed_factor([bucket(2), bucket(2, "in_place"), bucket(1, "flags")]) == 0.5
+    assert _exact_seed_factor([bucket(8)]) == 0.125
+    assert _exact_seed_factor([bucket(3)]) == 1.0  # 1/3 scales inexactly: the hook's pass keeps DDP's rounding
+    assert _exact_seed_factor([bucket(6), bucket(6)]) == 1.0
+    assert _exact_seed_factor([bucket(2), bucket(4)]) == 1.0  # two factors: one seed cannot carry both
+    assert _exact_seed_factor([bucket(2, cast=True)]) == 1.0  # scaled while casting (compress / reduce_dtype)
+    assert _exact_seed_factor([bucket(1)]) == 1.0

@@ -72,6 +72,7 @@ def _module_class() -> type:
             self.flow, self.tp, self.batchnorm, self.perturb = flow, tp, batchnorm, perturb
             self.automatic_optimization = flow.startswith("auto")
             self.seen: dict[str, list[float]] = {}
+            self.seeds: list[float] = []  # the gradient reaching the loss (not compared with DDP's)
             self.metric = torchmetrics.SumMetric()
             self.net: Any = None
 
@@ -113,6 +114,7 @@ def _module_class() -> type:
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             x, y = batch
             loss = torch.nn.functional.mse_loss(self.net(x), y)
+            loss.register_hook(lambda g: self.seeds.append(float(g)))
             self.log("loss_mean", loss, sync_dist=True)
             self.log("n_sum", float(len(x)), reduce_fx="sum", sync_dist=True)
             self.log("y_max", y.max(), reduce_fx="max", sync_dist=True)
@@ -211,7 +213,7 @@ def _fit(strategy: Any, flow: str, devices: int, tp: bool = False, batchnorm: bo
         state = {k: v.detach().clone() for k, v in model.net.state_dict().items()}
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
     layers = sorted({type(m).__name__ for m in model.net.modules()})
-    return {"state": state, "logged": logged, "seen": model.seen, "layers_after_fit": layers}
+    return {"state": state, "logged": logged, "seen": model.seen, "layers_after_fit": layers, "seeds": model.seeds}
 
 
 def _strategies(tp: bool) -> list[tuple[str, Any]]:
@@ -372,6 +374,18 @@ def test_ddp_gradient_handler_same_as_ddp_on_every_rank(dp_results: list[dict[st
 @pytest.mark.parametrize("flow", ["manual-acc", "auto"])
 def test_in_place_reduction_same_as_ddp_on_every_rank(dp_results: list[dict[str, Any]], flow: str) -> None:
     _compare(dp_results, flow, ours_name="ours-in-place")
+
+
+@pytest.mark.parametrize("flow", ["manual", "auto"])
+def test_the_average_rides_in_the_backward_seed(dp_results: list[dict[str, Any]], tp_results: list[dict[str, Any]],
+                                                flow: str) -> None:
+    # The fits above equal DDP's with the 1/replicas average folded into the seed of each backward
+    # (2 replicas: 0.5), not applied by a pass over the gradients; DDP's seed stays 1.
+    for results in (dp_results, tp_results):
+        for res in results:
+            ours, ddp = res[f"{flow}/ours"]["seeds"], res[f"{flow}/ddp"]["seeds"]
+            assert ours and set(ours) == {0.5}, ours
+            assert ddp and set(ddp) == {1.0}, ddp
 
 
 def test_in_place_reduction_tp2_dp2_same_as_ddp_on_every_rank(tp_results: list[dict[str, Any]]) -> None:

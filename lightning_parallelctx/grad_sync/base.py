@@ -85,6 +85,13 @@ class GradientHandler(SyncSwitch, ABC):
     def before_backward(self, loss: torch.Tensor) -> None:
         """Called before a backward pass that runs inside the training step (manual optimization)."""
 
+    def scaled_backward(self, loss: torch.Tensor) -> contextlib.AbstractContextManager[torch.Tensor]:
+        """``with handler.scaled_backward(loss) as seeded: seeded.backward()``: a handler that can
+        fold its averaging into the backward's seed returns a tensor with ``loss``'s value and a
+        scaled seed (and must then give the same gradients as ``loss.backward()`` + ``finish()``);
+        by default ``loss`` itself."""
+        return contextlib.nullcontext(loss)
+
     def remove(self) -> None:
         """Detach from the module (remove hooks). Safe to call twice."""
 

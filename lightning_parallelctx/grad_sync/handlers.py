@@ -44,12 +44,18 @@ class BucketedGradientHandler(GradientHandler):
         compress: communicate gradients of wider parameters in this 16-bit dtype (``"fp16"``/``"bf16"``).
         in_place_mb: a parameter whose gradient is at least this size in MiB is all-reduced in its
             own ``.grad``, with no copy into a bucket; ``None``: every parameter goes through a bucket.
+        average_in_backward: fold the 1/replicas average into the backward's seed gradient where
+            that is bit-identical (power-of-two replicas, fresh gradients: docs/grad_sync.md), which
+            saves a pass over every gradient. Tensor hooks inside that backward then see gradients
+            divided by the replica count; ``False`` keeps them as DDP shows them.
     """
 
     def __init__(self, bucket_cap_mb: float = 25.0, first_bucket_cap_mb: float | None = None,
                  reduce_dtype: str | torch.dtype | None = None, compress: str | torch.dtype | None = None,
-                 in_place_mb: float | None = 4.0):
+                 in_place_mb: float | None = 4.0, average_in_backward: bool = True):
         super().__init__()
+        self.average_in_backward = average_in_backward
+        self._seed_ok = False  # every trainable parameter is the hook's (set in setup)
         self.bucket_cap_mb = bucket_cap_mb
         self.first_bucket_cap_mb = first_bucket_cap_mb
         self.reduce_dtype = reduce_dtype
@@ -68,7 +74,16 @@ class BucketedGradientHandler(GradientHandler):
                                              reduce_dtype=self.reduce_dtype, compress=self.compress,
                                              in_place_mb=self.in_place_mb)
         self._dtensors = _local_shard_sync(dtensors, ctx)
+        # A scaled seed scales every gradient of the backward: only safe if the hook un-scales all.
+        hooked = {id(p) for p in self.hook.parameters()}
+        self._seed_ok = self.average_in_backward and self._dtensors is None and hooked == {
+            id(p) for p in module.parameters() if p.requires_grad}
         return module
+
+    def scaled_backward(self, loss: torch.Tensor) -> contextlib.AbstractContextManager[torch.Tensor]:
+        if not self._seed_ok or self.hook is None:
+            return contextlib.nullcontext(loss)
+        return self.hook.scaled_backward(loss)
 
     @property
     def require_sync(self) -> bool:
@@ -97,7 +112,8 @@ class BucketedGradientHandler(GradientHandler):
 
     def __repr__(self) -> str:
         return (f"BucketedGradientHandler(bucket_cap_mb={self.bucket_cap_mb}, reduce_dtype={self.reduce_dtype}, "
-                f"compress={self.compress})")
+                f"compress={self.compress}, in_place_mb={self.in_place_mb}, "
+                f"average_in_backward={self.average_in_backward})")
 
 
 @register_gradient_handler("ddp")

@@ -17,6 +17,14 @@ Design notes (why it is shaped like this):
   one small extra collective launched right after the last of them.
 - Averaging = scale before a SUM all-reduce: gloo has no AVG, and pre-scaling keeps fp16/bf16
   buckets from overflowing. For power-of-two replica counts it is bit-identical to DDP.
+- That scale is a full pass over every gradient (10 ms of a 175 ms step for 96 MiB on the
+  benchmark's core). :meth:`DataParallelGradientHook.scaled_backward` folds it into the backward's
+  seed instead: the loss's gradient starts at 1/replicas, so every gradient arrives already
+  averaged-to-be and the hook only sums. Multiplying by a power of two commutes exactly with every
+  float operation of a backward that is linear in its seed (all of autograd's, barring overflow and
+  subnormals), so the result is bit-identical; it is used only when it is (power-of-two replicas,
+  one factor for every parameter, every gradient fresh, a synchronising backward), else the pass
+  runs as before.
 - Buckets are launched strictly in one fixed order (reverse parameter order, like DDP), whatever
   order they complete in, so every rank issues the same collectives in the same sequence.
 - Every bucket carries one extra element per parameter, set to 1 where this rank produced a
@@ -27,8 +35,9 @@ Design notes (why it is shaped like this):
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -158,6 +167,8 @@ class DataParallelGradientHook(SyncSwitch):
         self._sync_started = False  # a synchronising backward has absorbed gradients
         self._next = 0  # index of the next bucket to launch
         self._handles: list[Any] = []
+        self._seed = 1.0  # the seed factor of the backward running now (scaled_backward)
+        self._window_seed: float | None = None  # the seed factor of this window's backward passes
 
         # FSDP2-managed parameters are FSDP2's to reduce (docs/traps.md #26); DTensors need the handler.
         named, dtensors = split_params(module, ctx)
@@ -168,6 +179,7 @@ class DataParallelGradientHook(SyncSwitch):
                 f"get_gradient_handler('bucketed'), which reduces their local shards after the buckets"
             )
         self._buckets = self._build_buckets(named, GroupResolver(ctx))
+        self.seed_factor = _exact_seed_factor(self._buckets)
         for bucket in self._buckets:
             for slot in bucket.slots:
                 self._handles.append(slot.param.register_post_accumulate_grad_hook(self._make_hook(slot)))
@@ -289,6 +301,8 @@ class DataParallelGradientHook(SyncSwitch):
     # ------------------------------------------------------------------ the hook
     def _make_hook(self, slot: _Slot):
         def hook(param: torch.Tensor) -> None:
+            if self._window_seed != self._seed:
+                self._check_seed(slot)
             if not self._require_sync:
                 if self._sync_started:
                     raise RuntimeError(
@@ -316,13 +330,24 @@ class DataParallelGradientHook(SyncSwitch):
 
         return hook
 
-    @staticmethod
-    def _absorb(slot: _Slot) -> None:
+    def _check_seed(self, slot: _Slot) -> None:
+        if self._window_seed is None:  # the first gradient of this window
+            self._window_seed = self._seed
+            return
+        raise RuntimeError(
+            f"parameter {slot.name!r} got a gradient from a backward pass seeded with {self._seed} in a window "
+            f"whose earlier backward passes were seeded with {self._window_seed}: one window's gradients must all be "
+            f"scaled alike to be averaged. Fix: run every backward of an accumulation window through "
+            f"scaled_backward(loss) (Lightning: manual_backward), or none of them"
+        )
+
+    def _absorb(self, slot: _Slot) -> None:
         """Move this rank's gradient into the bucket (scaled), leave ``.grad`` as the view.
-        In-place buckets scale ``.grad`` where it is."""
+        In-place buckets scale ``.grad`` where it is. Gradients of a seeded backward
+        (:meth:`scaled_backward`) are already scaled."""
         p, view = slot.param, slot.view
         grad = p.grad
-        scale = slot.bucket.hook_scale
+        scale = slot.bucket.hook_scale if self._window_seed == 1.0 else 1.0
         if view is None:
             if grad is None:
                 p.grad = grad = torch.zeros_like(p)
@@ -403,6 +428,35 @@ class DataParallelGradientHook(SyncSwitch):
         bucket.work = dist.all_reduce(bucket.comm, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
     # ------------------------------------------------------------------ public API
+    def exact_seed(self) -> float:
+        """The factor the next backward's seed may carry in place of the hook's scale pass: the
+        uniform 1/replicas when that is exact now (see the module notes), else 1.0."""
+        if self.seed_factor == 1.0 or not self._require_sync or self._window:
+            return 1.0  # inside no_sync, DDP leaves local unscaled gradients: so does this
+        for bucket in self._buckets:
+            for slot in bucket.slots:
+                if slot.param.grad is not None:  # old + new/n would average to n*old + avg(new)
+                    return 1.0
+        return self.seed_factor
+
+    @contextlib.contextmanager
+    def scaled_backward(self, loss: torch.Tensor, factor: float | None = None) -> Iterator[torch.Tensor]:
+        """``with hook.scaled_backward(loss) as seeded: seeded.backward()``: the same gradients
+        as ``loss.backward()`` followed by the hook's averaging, without the averaging pass over
+        every gradient, when that is exact (:meth:`exact_seed`); otherwise ``seeded`` is ``loss``.
+        ``seeded`` has ``loss``'s value; only its backward seed is scaled, so tensor hooks and
+        ``retain_grad()`` tensors inside this backward see gradients divided by the replica count
+        (as Lightning's ``accumulate_grad_batches`` divides them by the accumulation count)."""
+        factor = self.exact_seed() if factor is None else factor
+        if factor == 1.0:
+            yield loss
+            return
+        self._seed = factor
+        try:
+            yield _SeedScale.apply(loss, factor)
+        finally:
+            self._seed = 1.0
+
     def finish(self) -> None:
         """Launch the buckets not launched yet (unused parameters contribute zeros), wait for all,
         and leave every reduced ``.grad`` averaged. No-op inside ``no_sync()``, when no gradient
@@ -449,6 +503,7 @@ class DataParallelGradientHook(SyncSwitch):
         self._next = 0
         self._window = False
         self._sync_started = False
+        self._window_seed = None
 
     def remove(self) -> None:
         """Remove the hooks. Reductions already in flight are waited for; gradients stay where they are.
@@ -468,6 +523,10 @@ class DataParallelGradientHook(SyncSwitch):
             raise error
 
     # ------------------------------------------------------------------ introspection
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters whose gradients this hook reduces or scales."""
+        return [slot.param for bucket in self._buckets for slot in bucket.slots]
+
     @property
     def buckets(self) -> list[dict[str, Any]]:
         """One entry per bucket, in launch order: dtypes, sizes, parameter names, groups."""
@@ -489,6 +548,29 @@ class DataParallelGradientHook(SyncSwitch):
         total = sum(map(_bytes, self._buckets)) / _MB
         return (f"DataParallelGradientHook({len(self._buckets)} buckets, {total:.1f} MB, "
                 f"bucket_cap_mb={self.bucket_cap_mb}, reduce_dtype={self.reduce_dtype}, compress={self.compress})")
+
+
+class _SeedScale(torch.autograd.Function):
+    """Identity forward; the gradient flowing back through it is multiplied by ``factor``."""
+
+    @staticmethod
+    def forward(ctx: Any, loss: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return grad * ctx.factor, None
+
+
+def _exact_seed_factor(buckets: list[_Bucket]) -> float:
+    """1/replicas when one power-of-two replica count averages every parameter, each scaled
+    in the hook in its own dtype (a seed scaled by it is then exact); else 1.0."""
+    scales = {b.scale for b in buckets if b.kind != "flags"}
+    if len(scales) != 1 or any(b.hook_scale != b.scale for b in buckets if b.kind != "flags"):
+        return 1.0
+    scale = scales.pop()
+    return scale if scale < 1.0 and math.frexp(scale)[0] == 0.5 else 1.0
 
 
 def _bytes(bucket: _Bucket) -> int:

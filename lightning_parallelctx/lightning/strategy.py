@@ -490,12 +490,20 @@ class ParallelCtxStrategy(ParallelStrategy):
         self.pre_backward(closure_loss)
         assert self.lightning_module is not None
         closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
-        self.precision_plugin.backward(closure_loss, self.lightning_module, optimizer, *args, **kwargs)
+        with self._scaled_backward(closure_loss) as seeded:
+            self.precision_plugin.backward(seeded, self.lightning_module, optimizer, *args, **kwargs)
         if self._grad_handler is not None:
             self._grad_handler.finish()
         closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
         self.post_backward(closure_loss)
         return closure_loss
+
+    def _scaled_backward(self, loss: Tensor) -> contextlib.AbstractContextManager[Tensor]:
+        # The handler may fold its 1/replicas into the seed (exact by powers of two); fp16 is left
+        # alone: a seed made smaller would underflow sooner in a half-precision backward.
+        if self._grad_handler is None or str(self.precision_plugin.precision).startswith("16"):
+            return contextlib.nullcontext(loss)
+        return self._grad_handler.scaled_backward(loss)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._batch_check is not None and self._batch_check.active:  # silent garbage otherwise: batch_check.py
