@@ -35,9 +35,10 @@ BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "context_scale": ("bench_context_scale.py", ["--repeats", "3"],
                       ["--repeats", "1", "--worlds", "1024", "4096", "16384"]),
-    # hook(25:::none): the hook with every parameter copied into a bucket (no in-place reduction).
-    "dp_hook": ("dp_hook_vs_ddp.py", ["--rounds", "40", "--hook-variants", "25", "25:::none"],
-                ["--rounds", "12", "--warmup", "3", "--hook-variants", "25", "25:::none"]),
+    # hook(25::::0): the hook scaling every gradient itself instead of the backward's seed.
+    "dp_hook": ("dp_hook_vs_ddp.py", ["--rounds", "40", "--hook-variants", "25", "25::::0"],
+                ["--rounds", "12", "--warmup", "3", "--hook-variants", "25", "25::::0"]),
+    "dp_lightning": ("dp_lightning_vs_ddp.py", ["--rounds", "6", "--steps", "14"], ["--rounds", "2", "--steps", "10"]),
     "tensor_parallel_256": ("bench_tensor_parallel.py", ["--rounds", "40", "--d-model", "256", "--tokens", "64"],
                             ["--rounds", "20", "--d-model", "256", "--tokens", "64"]),
     "tensor_parallel_1024": ("bench_tensor_parallel.py", ["--rounds", "20", "--d-model", "1024", "--tokens", "256"],
@@ -111,6 +112,14 @@ def table_dp_hook(res: dict) -> list[str]:
     return lines
 
 
+def table_dp_lightning(res: dict) -> list[str]:
+    lines = ["| strategy | ratio to DDPStrategy (median) | paired | CPU time ratio | step ms |", "|---|---|---|---|---|"]
+    for name, row in res["rows"].items():
+        lines.append(f"| {name} | {row['ratio']:.3f} | {row['paired']:.3f} | {row['cpu_ratio']:.3f} | "
+                     f"{row['median_ms']:.1f} |")
+    return lines
+
+
 def table_tensor_parallel(small: dict | None, large: dict | None) -> list[str]:
     lines = ["| block | d_model 256, 64 tokens: median / paired | d_model 1024, 256 tokens: median / paired |",
              "|---|---|---|"]
@@ -177,6 +186,11 @@ def render(results: dict, header: str) -> str:
         section("**Data-parallel gradient hook vs torch DDP** (2 processes, gloo, 6 x Linear(2048, 2048) = 25.2M "
                 "parameters, batch 64; step = zero_grad + forward + backward + sync; ratio to DDP default, "
                 "below 1 = faster):", ["dp_hook"], table_dp_hook(results["dp_hook"]))
+    if "dp_lightning" in results:
+        section("**Data parallelism at the Lightning level** (`Trainer.fit`, same model and data as above, SGD; "
+                "ParallelCtxStrategy's defaults vs `DDPStrategy()`, both fitting in the same 2 processes in mirrored "
+                "order; a step = training_step + zero_grad + backward + sync + optimizer step; \"scale pass\" = "
+                "`average_in_backward=False`):", ["dp_lightning"], table_dp_lightning(results["dp_lightning"]))
     if "tensor_parallel_256" in results or "tensor_parallel_1024" in results:
         section("**Tensor parallelism vs torch's DTensor `parallelize_module`** (ColwiseParallel/RowwiseParallel, "
                 "tp=2, gloo, fwd+bwd, outputs checked equal first; ratio ours / torch, below 1 = ours faster):",

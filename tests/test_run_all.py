@@ -24,7 +24,10 @@ def _results() -> dict:
             "_command": "python benchmarks/bench_collectives.py"}
     tp = {"results": {k: {"ours_ms": 3.0, "peer_ms": 4.0, "median": 0.75, "paired": 0.7, "max_diff": 0.0}
                       for k in ("mlp", "attention")}, "_command": "python benchmarks/bench_tensor_parallel.py"}
+    dp = {"rows": {"ours": {"median_ms": 250.0, "ratio": 0.9, "paired": 0.88, "cpu_ms": 400.0, "cpu_ratio": 0.87}},
+          "_command": "python benchmarks/dp_lightning_vs_ddp.py"}
     return {
+        "dp_lightning": dp,
         "tensor_parallel_256": tp,
         "collectives": coll,
         "compile": {"args": {"d_model": 256, "tokens": 64, "backend": "inductor"}, "_command": "c",
@@ -40,6 +43,7 @@ def test_render_and_rewrite_only_the_marked_block(tmp_path: Path) -> None:
     assert "| mlp | 0.750 / 0.700 (3.0 vs 4.0 ms) | (not run) |" in block
     assert "| fwd+bwd / copy | 0.500 / 0.550 |" in block
     assert "| 2.00 | 1.50 | 0.750 / 0.800 | 50 |" in block
+    assert "| ours | 0.900 | 0.880 | 0.870 | 250.0 |" in block
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{run_all.BEGIN}\nold table\n{run_all.END}\noutro\n")
     run_all.write_readme(readme, block)
