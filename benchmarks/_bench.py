@@ -26,6 +26,31 @@ def pin_to_core(rank: int) -> int:
     return cpu
 
 
+def dp_mlp(torch, width: int = 2048, layers: int = 6):
+    """The data-parallel benchmarks' model: ``layers`` x Linear(width, width) with ReLU between
+    (25.2M parameters at the defaults), the same weights in every process (seed 0)."""
+    torch.manual_seed(0)
+    mods = []
+    for i in range(layers):
+        mods.append(torch.nn.Linear(width, width))
+        if i < layers - 1:
+            mods.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*mods)
+
+
+def spawn_measured(worker, world: int, args: dict) -> tuple[object, float, float]:
+    """Run ``worker(rank, world, args)`` in ``world`` spawned processes; return rank 0's result,
+    the wall seconds and the 1-minute load average before (what the header line reports)."""
+    import time
+
+    from lightning_parallelctx.testing import spawn
+
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    result = spawn(worker, world, args, timeout=3600)[0]
+    return result, time.perf_counter() - started, load_before
+
+
 def tp_blocks(torch, d: int, heads: int, col, row) -> dict[str, type]:
     """The tensor-parallel blocks the TP and compile benchmarks time, built from ``col(in, out)`` /
     ``row(in, out)`` (the library's Column/RowParallelLinear, or torch.nn.Linear for DTensor's

@@ -22,17 +22,11 @@ import os
 import statistics
 import time
 
-from _bench import pin_to_core, reexec_with_malloc_env  # benchmarks/_bench.py
+from _bench import dp_mlp, pin_to_core, reexec_with_malloc_env, spawn_measured  # benchmarks/_bench.py
 
 
 def _model(torch):
-    torch.manual_seed(0)
-    layers = []
-    for i in range(6):
-        layers.append(torch.nn.Linear(2048, 2048))
-        if i < 5:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
+    return dp_mlp(torch)
 
 
 def _parse_hook_variant(spec: str) -> tuple[str, dict]:
@@ -158,12 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     reexec_with_malloc_env()
 
-    from lightning_parallelctx.testing import spawn
-
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
-    result = spawn(_worker, 2, dict(vars(args)), timeout=3600)[0]
-    wall = time.perf_counter() - started
+    result, wall, load_before = spawn_measured(_worker, 2, dict(vars(args)))
     med = {n: statistics.median(t) for n, t in zip(result["names"], result["times"])}
     # Other processes on these shared cores only ever add time: the 10th percentile is a second,
     # less load-sensitive view next to the median.

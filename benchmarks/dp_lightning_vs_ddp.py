@@ -24,7 +24,7 @@ import os
 import statistics
 import time
 
-from _bench import pin_to_core, reexec_with_malloc_env  # benchmarks/_bench.py
+from _bench import dp_mlp, pin_to_core, reexec_with_malloc_env, spawn_measured  # benchmarks/_bench.py
 
 VARIANTS = ("ours", "ours, scale pass", "ddp", "ddp bucket view")
 
@@ -49,13 +49,7 @@ def _fit(name: str, world: int, steps: int, batch: int) -> tuple[list[float], li
     class Net(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            torch.manual_seed(0)
-            layers = []
-            for i in range(6):
-                layers.append(torch.nn.Linear(2048, 2048))
-                if i < 5:
-                    layers.append(torch.nn.ReLU())
-            self.net = torch.nn.Sequential(*layers)
+            self.net = dp_mlp(torch)
             self.times: list[float] = []
             self.cpu_times: list[float] = []
 
@@ -110,12 +104,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here (benchmarks/run_all.py reads them)")
     args = parser.parse_args()
     reexec_with_malloc_env()
-    from lightning_parallelctx.testing import spawn
-
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
-    res = spawn(_worker, 2, dict(vars(args)), timeout=3600)[0]
-    wall = time.perf_counter() - started
+    res, wall, load_before = spawn_measured(_worker, 2, dict(vars(args)))
     flat = {v: [s for fit in res["times"][v] for s in fit] for v in VARIANTS}
     med = {v: statistics.median(t) for v, t in flat.items()}
     cpu = {v: statistics.median([s for fit in res["cpu"][v] for s in fit]) for v in VARIANTS}
