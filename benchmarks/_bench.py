@@ -51,6 +51,51 @@ def spawn_measured(worker, world: int, args: dict) -> tuple[object, float, float
     return result, time.perf_counter() - started, load_before
 
 
+def tp_block_args(parser, *, rounds: int, warmup: int, d_model: int, tokens: int) -> None:
+    """The arguments both tensor-parallel block benchmarks take (bench_tensor_parallel, bench_compile)."""
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--d-model", type=int, default=d_model)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=tokens, help="batch * sequence")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--json", help="also write the results here (benchmarks/run_all.py reads them)")
+
+
+def timed_max(fn) -> float:
+    """Seconds ``fn()`` took, started together on every rank (a barrier) and ended by the slowest."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    dist.barrier()
+    t = time.perf_counter()
+    fn()
+    t = torch.tensor(time.perf_counter() - t)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def step_timer():
+    """A Lightning callback whose ``times`` are the seconds of each training step (batch start to end)."""
+    import time
+
+    import lightning.pytorch as pl
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.times.append(time.perf_counter() - self._t)
+
+    return StepTimer()
+
+
 def tp_blocks(torch, d: int, heads: int, col, row) -> dict[str, type]:
     """The tensor-parallel blocks the TP and compile benchmarks time, built from ``col(in, out)`` /
     ``row(in, out)`` (the library's Column/RowParallelLinear, or torch.nn.Linear for DTensor's

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _bench import pin_to_core, reexec_with_malloc_env  # noqa: E402
+from _bench import pin_to_core, reexec_with_malloc_env, timed_max  # noqa: E402
 
 
 def _size(path: Path) -> int:
@@ -72,14 +72,6 @@ def _worker(rank: int, world_size: int, args: dict, tmp: str) -> dict[str, Any]:
         return {"state_dict": module.state_dict(), "optimizer_states": [opt.state_dict()], "epoch": 0,
                 "global_step": 1, "loops": {}, "callbacks": {}, "lr_schedulers": []}
 
-    def timed(fn: Any) -> float:
-        dist.barrier()
-        t = time.perf_counter()
-        fn()
-        t = torch.tensor(time.perf_counter() - t)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
-
     def fresh(name: str) -> Path:
         p = Path(tmp) / name
         if rank == 0 and p.exists():
@@ -95,20 +87,20 @@ def _worker(rank: int, world_size: int, args: dict, tmp: str) -> dict[str, Any]:
         path = fresh("dcp")
         state = {"state_dict": present(module.state_dict(), splits, ctx),
                  "optimizer_0": optimizer_to_named(opt.state_dict(), opt, module, ctx)}
-        times["dcp save"].append(timed(lambda: dcp.save(state, checkpoint_id=path)))
+        times["dcp save"].append(timed_max(lambda: dcp.save(state, checkpoint_id=path)))
         target = {"state_dict": present({k: torch.zeros_like(v) for k, v in module.state_dict().items()}, splits, ctx),
                   "optimizer_0": {"state": optimizer_to_named(opt.state_dict(), opt, module, ctx)["state"]}}
-        times["dcp load"].append(timed(lambda: dcp.load(target, checkpoint_id=path)))
+        times["dcp load"].append(timed_max(lambda: dcp.load(target, checkpoint_id=path)))
         dcp_bytes = _size(path)
 
         path = fresh("ours")
-        times["ours save"].append(timed(lambda: saver.save(lightning_dict(), path, module, [opt], ctx)))
-        times["ours load"].append(timed(lambda: ck.load_sharded_checkpoint(path, module, ctx, False, [opt])))
+        times["ours save"].append(timed_max(lambda: saver.save(lightning_dict(), path, module, [opt], ctx)))
+        times["ours load"].append(timed_max(lambda: ck.load_sharded_checkpoint(path, module, ctx, False, [opt])))
         ours_bytes = _size(path)
 
         path = fresh("async")
         start = time.perf_counter()
-        times["async stall"].append(timed(lambda: async_saver.save(lightning_dict(), path, module, [opt], ctx)))
+        times["async stall"].append(timed_max(lambda: async_saver.save(lightning_dict(), path, module, [opt], ctx)))
         async_saver.wait()
         total = torch.tensor(time.perf_counter() - start)
         dist.all_reduce(total, op=dist.ReduceOp.MAX)
@@ -124,7 +116,6 @@ def _strategy_worker(rank: int, world_size: int, variant: str, args: dict, tmp: 
     """One fit step under ``variant``, then ``rounds`` x (save, load model and optimizer back)."""
     pin_to_core(rank)
     import lightning.pytorch as pl
-    import torch
     import torch.distributed as dist
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -146,14 +137,6 @@ def _strategy_worker(rank: int, world_size: int, variant: str, args: dict, tmp: 
                                      global_batch_size=16))
     assert trainer.global_step == 1 and trainer.optimizers[0].state, "the fit must make AdamW's moments"
 
-    def timed(fn: Any) -> float:
-        dist.barrier()
-        t = time.perf_counter()
-        fn()
-        t = torch.tensor(time.perf_counter() - t)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
-
     def load(path: Path) -> None:
         ckpt = trainer.strategy.load_checkpoint(path)
         if variant != "model_parallel":  # ModelParallelStrategy loads into the model and optimizer itself
@@ -164,8 +147,8 @@ def _strategy_worker(rank: int, world_size: int, variant: str, args: dict, tmp: 
     size = 0
     for i in range(args["rounds"]):
         path = Path(tmp) / f"{variant}-{i}.ckpt"
-        times["save"].append(timed(lambda: trainer.save_checkpoint(path)))
-        times["load"].append(timed(lambda: load(path)))
+        times["save"].append(timed_max(lambda: trainer.save_checkpoint(path)))
+        times["load"].append(timed_max(lambda: load(path)))
         size = _size(path)
         dist.barrier()
         if rank == 0:

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _bench import pin_to_core, reexec_with_malloc_env  # benchmarks/_bench.py
+from _bench import pin_to_core, reexec_with_malloc_env, step_timer  # benchmarks/_bench.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -246,16 +246,6 @@ def _gpt_fit(rank: int, world: int, variant: str, steps: int) -> dict:
     pin_to_core(rank)
     h = GPT
 
-    class Timed(pl.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self._t = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.times.append(time.perf_counter() - self._t)
-
     if variant == "model_parallel":
         model, strategy = dtensor_gpt(h), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=2)
     else:
@@ -263,7 +253,7 @@ def _gpt_fit(rank: int, world: int, variant: str, steps: int) -> dict:
         strategy = ParallelCtxStrategy(tensor_parallel_size=2, fsdp=True, print_layout=False)
     data = GPTDataModule(vocab_size=h["vocab_size"], seq_len=h["seq_len"], num_samples=16 * steps, num_val_samples=8,
                          global_batch_size=16)
-    timed = Timed()
+    timed = step_timer()
     pl.seed_everything(0, verbose=False)
     # No clipping: under ModelParallelStrategy torch's clip_grad_norm_ fails on this model ("All operands
     # in aten.stack.default must have the same mesh": LayerNorms are 1-D data-mesh DTensors, the
@@ -366,21 +356,11 @@ def _gpt_sharding(rank: int, world: int, option: str, steps: int) -> dict:
                                            weight_decay=h.weight_decay,
                                            process_group=self.parallel_context.get_group("dense_replica"))
 
-    class Timed(pl.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self._t = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.times.append(time.perf_counter() - self._t)
-
     pl.seed_everything(0, verbose=False)
     model = (Zero1GPT if option == "zero1" else GPTLightning)(**GPT, lr=1e-3)
     data = GPTDataModule(vocab_size=GPT["vocab_size"], seq_len=GPT["seq_len"], num_samples=8 * steps,
                          num_val_samples=8, global_batch_size=8)
-    timed = Timed()
+    timed = step_timer()
     trainer = pl.Trainer(accelerator="cpu", devices=4, max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, gradient_clip_val=1.0, callbacks=[timed],

@@ -75,15 +75,12 @@ def _time(fn, steps: int, warmup: int, dist) -> float:
 
 def _worker(rank: int, world: int, steps: int, warmup: int, rounds: int, overhead_only: bool) -> dict:
     pin_to_core(rank)
-    import lightning.pytorch as pl
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.distributed import pipelining as tpp
-    from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_parallelctx import ParallelCtxStrategy
-    from lightning_parallelctx.pipeline import PipelineSequential, get_schedule, layer_ranges, stage_plan, stages_of_rank
+    from lightning_parallelctx.pipeline import get_schedule, layer_ranges, stages_of_rank
     from lightning_parallelctx.pipeline.timeline import timeline_for
 
     dist.init_process_group("gloo")

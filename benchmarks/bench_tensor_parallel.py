@@ -20,7 +20,7 @@ import json
 import statistics
 import time
 
-from _bench import pin_to_core, reexec_with_malloc_env, tp_blocks  # benchmarks/_bench.py
+from _bench import pin_to_core, reexec_with_malloc_env, tp_block_args, tp_blocks  # benchmarks/_bench.py
 
 
 def _build(torch, kind: str, impl: str, d: int, heads: int, ctx):
@@ -99,14 +99,8 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=512, help="batch * sequence")
-    parser.add_argument("--batch", type=int, default=4)
+    tp_block_args(parser, rounds=30, warmup=5, d_model=512, tokens=512)
     parser.add_argument("--unread-output", action="store_true", help="step = block(x).backward(g) (see above)")
-    parser.add_argument("--json", help="also write the results here (benchmarks/run_all.py reads them)")
     args = parser.parse_args()
     reexec_with_malloc_env()
     from lightning_parallelctx.testing import spawn
