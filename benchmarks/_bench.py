@@ -77,6 +77,26 @@ def timed_max(fn) -> float:
     return float(t)
 
 
+def interleaved(step, names: list[str], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """``step(name)`` for every name, round-robin in an order rotated per round (no variant always
+    first), ``warmup`` rounds dropped; returns each name's times, a step's time the max over ranks."""
+    import torch
+    import torch.distributed as dist
+
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t = step(name)
+            if r >= warmup:
+                times[name].append(t)
+    out = {}
+    for n in names:
+        t = torch.tensor(times[n], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
+        out[n] = t.tolist()
+    return out
+
+
 def step_timer():
     """A Lightning callback whose ``times`` are the seconds of each training step (batch start to end)."""
     import time

@@ -19,7 +19,7 @@ import json
 import statistics
 import time
 
-from _bench import pin_to_core, reexec_with_malloc_env, tp_block_args, tp_blocks  # benchmarks/_bench.py
+from _bench import interleaved, pin_to_core, reexec_with_malloc_env, tp_block_args, tp_blocks  # benchmarks/_bench.py
 
 
 def _block(torch, d: int, heads: int):
@@ -62,18 +62,7 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
     step("compiled")  # compiles forward and backward
     compile_s = time.perf_counter() - t0
     diff = float((eager(x) - compiled(x)).detach().abs().max())
-    names = list(variants)
-    times = {n: [] for n in names}
-    for r in range(args["warmup"] + args["rounds"]):
-        for name in names[r % 2:] + names[: r % 2]:
-            t = step(name)
-            if r >= args["warmup"]:
-                times[name].append(t)
-    out = {}
-    for n in names:
-        t = torch.tensor(times[n], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out[n] = t.tolist()
+    out = interleaved(step, list(variants), args["rounds"], args["warmup"])
     ctx.destroy()
     return {"times": out, "compile_s": compile_s, "diff": diff}
 

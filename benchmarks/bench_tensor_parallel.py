@@ -20,7 +20,7 @@ import json
 import statistics
 import time
 
-from _bench import pin_to_core, reexec_with_malloc_env, tp_block_args, tp_blocks  # benchmarks/_bench.py
+from _bench import interleaved, pin_to_core, reexec_with_malloc_env, tp_block_args, tp_blocks  # benchmarks/_bench.py
 
 
 def _build(torch, kind: str, impl: str, d: int, heads: int, ctx):
@@ -81,18 +81,7 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
             (model(xi) * g).sum().backward()
         return time.perf_counter() - t0
 
-    times = {n: [] for n in names}
-    for r in range(args["warmup"] + args["rounds"]):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            t = step(name)
-            if r >= args["warmup"]:
-                times[name].append(t)
-    rows = {}
-    for n in names:
-        t = torch.tensor(times[n], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
-        rows[n] = t.tolist()
+    rows = interleaved(step, names, args["rounds"], args["warmup"])
     ctx.destroy()
     return {"times": rows, "check": check}
 
