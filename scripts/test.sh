@@ -13,7 +13,8 @@ export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184
 set +e
 # Three workers on two cores: many cases wait (for a timeout, a launcher, a Slurm job) rather than
 # compute. loadscope keeps each test module (and its module-scoped worlds) on one worker.
-python3 -m pytest -q -p no:cacheprovider -n "${PCTX_TEST_WORKERS:-3}" --dist loadscope "$@"
+# --durations: the slowest cases are named at the end, so the 15-minute budget can be watched.
+python3 -m pytest -q -p no:cacheprovider -n "${PCTX_TEST_WORKERS:-3}" --dist loadscope --durations=12 "$@"
 status=$?
 set -e
 # pytest's 5 means no test ran: that is a failure of the suite, not a pass.
