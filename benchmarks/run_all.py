@@ -194,9 +194,10 @@ def render(results: dict, header: str) -> str:
         section("**Collectives vs their hand-written raw equivalent** (ratio ours / peer; fwd+bwd peer = a minimal "
                 "autograd.Function over the raw `torch.distributed` calls, fwd-no-grad peer = the bare call; outputs "
                 "and gradients checked equal first; the no-op backend column times only the CPU work around the "
-                "communication, its \"added us\" is what the library adds per call; gloo CPU = process CPU time, all threads, "
-                "summed over the ranks: the work, free of thread wake-up latency; [95% CI] = bootstrap interval of the "
-                "paired ratio; the A/A rows time the peer as both sides, so their interval is the noise floor):",
+                "communication, its \"added us\" is what the library adds per call; gloo CPU = process CPU time, "
+                "all threads, summed over the ranks: the work, free of thread wake-up latency; [95% CI] = bootstrap "
+                "interval of the paired ratio; the A/A rows time the peer as both sides: their interval is the noise "
+                "floor):",
                 ["collectives", "collectives_fake"],
                 table_collectives(results.get("collectives"), results.get("collectives_fake")))
     if "compile" in results:
