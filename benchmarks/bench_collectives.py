@@ -20,10 +20,14 @@ peer in an order shuffled per round (a seed the ranks share), cases in a rotatin
 one torch thread, glibc MALLOC_* thresholds set, a call's time is the max over ranks; small
 messages are timed in bursts (a barrier's jitter would swamp one call). With ``--fake`` the clock
 is the thread's CPU time (everything runs in the calling thread, so time the core spent on other
-processes does not count), otherwise wall time. Ratios: "median" = ratio of the medians,
-"paired" = median of the per-round ratios (robust to drift), "min" / "added us" = ratio and
-difference of the fastest rounds (the right statistic with ``--fake``, where a call is pure CPU
-work that neighbours can only slow down).
+processes does not count), otherwise wall time, and beside it the CPU time of each rank's whole
+process (all threads, gloo's included) summed over the ranks: at 64 KiB the wall time is mostly
+thread wake-up latency and swings +-30% between runs, the CPU time is the work. Ratios: "median" =
+ratio of the medians, "paired" = median of the per-round ratios (robust to drift) with its 95%
+bootstrap interval over the rounds, "min" / "added us" = ratio and difference of the fastest rounds
+(the right statistic with ``--fake``, where a call is pure CPU work that neighbours can only slow
+down). The "A/A calibration" rows time the same peer as both sides: their ratio is 1 by
+construction, so their interval is the method's noise floor, to read next to the 1.05 goal.
 
     python benchmarks/bench_collectives.py [--rounds 30] [--mib 8] [--small-kib 64] [--json out.json]
 """
@@ -37,6 +41,18 @@ import statistics
 import time
 
 from _bench import pin_to_core, reexec_with_malloc_env  # benchmarks/_bench.py
+
+
+AA_CASE = "A/A calibration: the reduce peer as both sides"
+
+
+def paired_interval(ours: list[float], peer: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of the paired ratio (median of the per-round ratios ours / peer):
+    the rounds are resampled with replacement, with a fixed seed so reruns of one result agree."""
+    ratios = [a / b for a, b in zip(ours, peer)]
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
 
 
 def _hand_written(torch, dist, group, n: int, rank: int):
@@ -266,6 +282,10 @@ def _cases(torch, dist, D, group, n: int, rank: int, rows: int, cols: int):
 
     both["expert dispatch + combine"] = (ours_moe, lambda x: raw["moe"](x, expert_of_row, num_experts,
                                                                           lambda t: t * 2.0), full, g_full)
+    # A/A calibration: both sides are the same peer function (separate closures, separate slots).
+    # Its ratio is 1 by construction, so its spread across runs and its interval show the noise
+    # floor of the method next to the real ratios.
+    both[AA_CASE] = (hw["reduce"], hw["reduce"], full, g_full)
     g_heads = torch.randn(1, n * rows, 4, cols // 4 // n, generator=gen)
     out = {}
     for name, (ours, peer, x, g) in both.items():
@@ -279,6 +299,7 @@ def _cases(torch, dist, D, group, n: int, rank: int, rows: int, cols: int):
         "all_to_all scatter 1 / gather 0": (lambda x: D.all_to_all(x, 1, 0, gather_sizes=n * rows),
                                             lambda x: raw["a2a"](x, 1, 0), full),
     }
+    no_grad[AA_CASE] = (raw["all_reduce"], raw["all_reduce"], full)
     for name, (ours, peer, x) in no_grad.items():
         out[("fwd, no grad", name)] = (fwd(ours, x), fwd(peer, x))
     return out
@@ -330,16 +351,22 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
         # The fake backend runs everything in this thread: its CPU time leaves out the time other
         # processes held the core, which is most of the noise on a shared machine. Real
         # communication runs in gloo's threads and waits for the peer: wall time.
+        # With real gloo the process's CPU time (all threads: gloo's included) is timed as well:
+        # at 64 KiB a call's wall time is mostly waiting for another process's thread to wake up,
+        # which varies by +-30% between runs; the CPU time is the work done, summed over ranks.
         clock = time.thread_time if args["fake"] else time.perf_counter
         keys = list(cases)
         times = {(key, i): [] for key in keys for i in range(2)}
+        cpu_times = {(key, i): [] for key in keys for i in range(2)}
 
-        def burst(key, i: int) -> float:
+        def burst(key, i: int) -> tuple[float, float]:
             dist.barrier()
+            c0 = time.process_time()
             t0 = clock()
             for _ in range(reps):
                 cases[key][i]()
-            return (clock() - t0) / reps
+            t1 = clock()
+            return (t1 - t0) / reps, (time.process_time() - c0) / reps
 
         for r in range(args["warmup"] + args["rounds"]):
             for k, key in enumerate(keys[r % len(keys):] + keys[: r % len(keys)]):  # rotate: no case always first
@@ -349,25 +376,36 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
                 # while shuffled slots of identical calls agree to a few per cent.
                 slots = [0, 1, 0, 1]
                 random.Random(r * 1009 + k).shuffle(slots)
-                got: dict[int, list[float]] = {0: [], 1: []}
+                got: dict[int, list[tuple[float, float]]] = {0: [], 1: []}
                 for i in slots:
                     got[i].append(burst(key, i))
                 if r >= args["warmup"]:
                     for i in (0, 1):
-                        times[(key, i)].append(sum(got[i]) / 2)
+                        times[(key, i)].append(sum(w for w, _ in got[i]) / 2)
+                        cpu_times[(key, i)].append(sum(c for _, c in got[i]) / 2)
         res = {}
         for key in cases:
             t = torch.tensor([times[(key, 0)], times[(key, 1)]], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a call lasts as long as its slowest rank
             ours_t, peer_t = t[0].tolist(), t[1].tolist()
-            res[" / ".join(key)] = {
+            row = res[" / ".join(key)] = {
                 "ours_ms": statistics.median(ours_t) * 1e3, "peer_ms": statistics.median(peer_t) * 1e3,
                 "median": statistics.median(ours_t) / statistics.median(peer_t),
                 "paired": statistics.median(a / b for a, b in zip(ours_t, peer_t)),
+                "paired_ci": paired_interval(ours_t, peer_t),
                 # Pure CPU work (the fake backend) only ever gets slower from neighbours: the minimum
                 # is its cost, and ours - peer is what the library adds per call.
                 "min_ratio": min(ours_t) / min(peer_t), "added_us": (min(ours_t) - min(peer_t)) * 1e6,
             }
+            if not args["fake"]:  # the fake backend's clock already is CPU time (of its one thread)
+                c = torch.tensor([cpu_times[(key, 0)], cpu_times[(key, 1)]], dtype=torch.float64)
+                dist.all_reduce(c)  # work: summed over the ranks
+                ours_c, peer_c = c[0].tolist(), c[1].tolist()
+                row.update({
+                    "ours_cpu_us": statistics.median(ours_c) * 1e6, "peer_cpu_us": statistics.median(peer_c) * 1e6,
+                    "cpu_paired": statistics.median(a / b for a, b in zip(ours_c, peer_c)),
+                    "cpu_paired_ci": paired_interval(ours_c, peer_c),
+                })
         worst = torch.tensor([max(mismatch.values())], dtype=torch.float64)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         out[label] = {"bytes": rows * cols * 4, "reps": reps, "rows": res, "max_diff": float(worst)}
@@ -404,12 +442,23 @@ def main() -> None:
     for label, block in res.items():
         print(f"\n{label} (full tensor {block['bytes'] / 2**20:.3f} MiB, bursts of {block['reps']}; "
               f"ours vs peer max |diff| {block['max_diff']:.1e})")
-        print(f"{'case':<62}{'ours ms':>9}{'peer ms':>9}{'median':>8}{'paired':>8}{'min':>8}{'added us':>10}")
+        cpu_head = f"{'CPU us ours/peer':>18}{'CPU paired [95% CI]':>24}" if not args.fake else ""
+        print(f"{'case':<62}{'ours ms':>9}{'peer ms':>9}{'median':>8}{'paired [95% CI]':>22}{'min':>8}{'added us':>10}"
+              + cpu_head)
         for name, row in block["rows"].items():
-            print(f"{name:<62}{row['ours_ms']:>9.3f}{row['peer_ms']:>9.3f}{row['median']:>8.3f}{row['paired']:>8.3f}"
-                  f"{row['min_ratio']:>8.3f}{row['added_us']:>10.1f}")
+            lo, hi = row["paired_ci"]
+            line = (f"{name:<62}{row['ours_ms']:>9.3f}{row['peer_ms']:>9.3f}{row['median']:>8.3f}"
+                    f"{row['paired']:>8.3f} [{lo:.3f}, {hi:.3f}]{row['min_ratio']:>8.3f}{row['added_us']:>10.1f}")
+            if "cpu_paired" in row:
+                clo, chi = row["cpu_paired_ci"]
+                line += (f"{row['ours_cpu_us']:>9.0f}/{row['peer_cpu_us']:<8.0f}"
+                         f"{row['cpu_paired']:>10.3f} [{clo:.3f}, {chi:.3f}]")
+            print(line)
     print("\npeer: fwd+bwd = a minimal hand-written autograd.Function over the raw torch.distributed calls; "
-          "fwd, no grad = the bare raw call(s).")
+          "fwd, no grad = the bare raw call(s). [95% CI]: bootstrap interval of the paired ratio over the rounds. "
+          f"'{AA_CASE}' is ours = peer: its ratio and interval are the method's noise floor."
+          + ("" if args.fake else " CPU: time.process_time per call (all threads, gloo's included), summed over "
+             "the ranks: the work done, free of thread wake-up latency."))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "wall_s": wall, "results": res}, f, indent=1)

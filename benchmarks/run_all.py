@@ -135,6 +135,11 @@ def table_tensor_parallel(small: dict | None, large: dict | None) -> list[str]:
     return lines
 
 
+def _ci(row: dict, key: str) -> str:
+    ci = row.get(key)
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"  # results from before the interval was recorded
+
+
 def table_collectives(real: dict | None, fake: dict | None) -> list[str]:
     blocks = [b for b in (real, fake) if b is not None]
     sizes = list(blocks[0]["results"]) if blocks else []
@@ -142,8 +147,9 @@ def table_collectives(real: dict | None, fake: dict | None) -> list[str]:
     rule = "|---|"
     for s in sizes:
         if real is not None:
-            head += f" {s}, gloo: median / paired |"
-            rule += "---|"
+            head += (f" {s}, gloo wall: median / paired | {s}, gloo wall: paired 95% CI |"
+                     f" {s}, gloo CPU (all ranks): paired [95% CI] |")
+            rule += "---|---|---|"
         if fake is not None:
             head += f" {s}, no-op backend: min ratio, added us |"
             rule += "---|"
@@ -154,6 +160,8 @@ def table_collectives(real: dict | None, fake: dict | None) -> list[str]:
             if real is not None:
                 row = real["results"][s]["rows"][case]
                 cells.append(f"{_r(row['median'])} / {_r(row['paired'])}")
+                cells.append(_ci(row, "paired_ci"))
+                cells.append(f"{_r(row['cpu_paired'])} {_ci(row, 'cpu_paired_ci')}" if "cpu_paired" in row else "-")
             if fake is not None:
                 row = fake["results"][s]["rows"][case]
                 cells.append(f"{_r(row['min_ratio'])}, {row['added_us']:+.1f}")
@@ -200,7 +208,10 @@ def render(results: dict, header: str) -> str:
         section("**Collectives vs their hand-written raw equivalent** (ratio ours / peer; fwd+bwd peer = a minimal "
                 "autograd.Function over the raw `torch.distributed` calls, fwd-no-grad peer = the bare call; outputs "
                 "and gradients checked equal first; the no-op backend column times only the CPU work around the "
-                "communication, its \"added us\" is what the library adds per call):",
+                "communication, its \"added us\" is what the library adds per call; gloo CPU = process CPU time, "
+                "all threads, summed over the ranks: the work, free of thread wake-up latency; [95% CI] = bootstrap "
+                "interval of the paired ratio; the A/A rows time the peer as both sides: their interval is the noise "
+                "floor):",
                 ["collectives", "collectives_fake"],
                 table_collectives(results.get("collectives"), results.get("collectives_fake")))
     if "compile" in results:

@@ -19,8 +19,11 @@ def _run_all():
 
 
 def _results() -> dict:
-    row = {"ours_ms": 1.0, "peer_ms": 2.0, "median": 0.5, "paired": 0.55, "min_ratio": 1.01, "added_us": 0.4}
-    coll = {"results": {"8 MiB": {"rows": {"fwd+bwd / copy": row}}, "64 KiB": {"rows": {"fwd+bwd / copy": row}}},
+    row = {"ours_ms": 1.0, "peer_ms": 2.0, "median": 0.5, "paired": 0.55, "min_ratio": 1.01, "added_us": 0.4,
+           "paired_ci": [0.5, 0.6], "cpu_paired": 0.9, "cpu_paired_ci": [0.85, 0.95]}
+    old = {k: v for k, v in row.items() if "ci" not in k and "cpu" not in k}  # a result from before the CPU column
+    coll = {"results": {"8 MiB": {"rows": {"fwd+bwd / copy": row, "fwd+bwd / reduce": old}},
+                        "64 KiB": {"rows": {"fwd+bwd / copy": row, "fwd+bwd / reduce": old}}},
             "_command": "python benchmarks/bench_collectives.py"}
     tp = {"results": {k: {"ours_ms": 3.0, "peer_ms": 4.0, "median": 0.75, "paired": 0.7, "max_diff": 0.0}
                       for k in ("mlp", "attention")}, "_command": "python benchmarks/bench_tensor_parallel.py"}
@@ -41,7 +44,8 @@ def test_render_and_rewrite_only_the_marked_block(tmp_path: Path) -> None:
     block = run_all.render(_results(), "HEADER")
     assert block.startswith(run_all.BEGIN) and block.rstrip().endswith(run_all.END)
     assert "| mlp | 0.750 / 0.700 (3.0 vs 4.0 ms) | (not run) |" in block
-    assert "| fwd+bwd / copy | 0.500 / 0.550 |" in block
+    assert "| fwd+bwd / copy | 0.500 / 0.550 | [0.500, 0.600] | 0.900 [0.850, 0.950] |" in block
+    assert "| fwd+bwd / reduce | 0.500 / 0.550 | - | - |" in block
     assert "| 2.00 | 1.50 | 0.750 / 0.800 | 50 |" in block
     assert "| ours | 0.900 | 0.880 | 0.870 | 250.0 |" in block
     readme = tmp_path / "README.md"

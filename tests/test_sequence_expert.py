@@ -192,6 +192,15 @@ def _seq_head_roundtrip(fails: list[str], mode: str) -> int:
         ok &= torch.equal(back.detach(), 2 * x.detach())
         back.backward(g.tensor_split(n, 1)[r])
         ok &= torch.equal(x.grad, 2 * g.tensor_split(n, 1)[r])
+        # ulysses_attention's seq_sizes: exchanged (None), the full length (passed on as an int)
+        # and every slice's length give bit-identical outputs and gradients.
+        got = []
+        for seq_sizes in (None, seq, D.split_sizes(seq, n)):
+            q = x.detach().clone().requires_grad_()
+            out = D.ulysses_attention(q, q * 2, q * 3, _core, mode=mode, seq_sizes=seq_sizes)
+            out.backward(g.tensor_split(n, 1)[r])
+            got.append((out.detach(), q.grad))
+        ok &= all(torch.equal(o, got[0][0]) and torch.equal(q, got[0][1]) for o, q in got[1:])
         checks += 1
         if not ok:
             fails.append(f"sequence_to_heads/heads_to_sequence [{mode} n={n} seq={seq} heads={heads}]")

@@ -56,8 +56,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return attn_fn(q, k, v, **attn_kwargs)
     seq_dim = normalize_dim(seq_dim, q.dim(), "seq_dim")
     head_dim = normalize_dim(head_dim, q.dim(), "head_dim")
-    # One exchange of the slice sizes serves all four all-to-alls.
-    sizes = resolve_sizes(seq_sizes, q.shape[seq_dim], g, q.device, "seq_sizes")
+    # One exchange of the slice sizes serves all four all-to-alls; a full length (an int) is passed
+    # on as it is, so an even split stays one int piece size with no list to build or check.
+    sizes = seq_sizes if isinstance(seq_sizes, int) and not isinstance(seq_sizes, bool) else \
+        resolve_sizes(seq_sizes, q.shape[seq_dim], g, q.device, "seq_sizes")
     qh, kh, vh = (sequence_to_heads(t, seq_dim, head_dim, mode, seq_sizes=sizes, context=context) for t in (q, k, v))
     out = attn_fn(qh, kh, vh, **attn_kwargs)
     return heads_to_sequence(out, seq_dim, head_dim, mode, seq_sizes=sizes, num_heads=q.shape[head_dim],
