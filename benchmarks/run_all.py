@@ -219,7 +219,9 @@ def render(results: dict, header: str) -> str:
                 "communication, its \"added us\" is what the library adds per call; gloo CPU = process CPU time, "
                 "all threads, summed over the ranks: the work, free of thread wake-up latency; [95% CI] = bootstrap "
                 "interval of the paired ratio; the A/A rows time the peer as both sides: their interval is the noise "
-                "floor):",
+                "floor; the last column adds the no-op backend's added us to the gloo peer's wall time per call: both "
+                "sides make the same calls with the same bytes, so that CPU work is all ours adds, and it lengthens a "
+                "call by at most its own duration):",
                 ["collectives", "collectives_fake"],
                 table_collectives(results.get("collectives"), results.get("collectives_fake")))
     if "compile" in results:
