@@ -403,15 +403,16 @@ def _seed_rules(rank: int, ctx: ParallelContext) -> tuple[list[str], int]:
         if hook.exact_seed() != 1.0:
             errors.append("inside no_sync the seed must stay 1 (DDP's local gradients)")
     # A window whose backward passes are seeded differently cannot be averaged: refused, clearly.
-    with handler.no_sync():
-        model(_batch(rank, 0, 0), rank, 0).backward()
+    # Here a seeded backward reached only l3, then a plain one (no finish() between) reaches all.
+    head_only = model.l3(torch.randn(5, 24)).square().mean()
+    with hook.scaled_backward(head_only) as seeded:
+        seeded.backward()
     loss = model(_batch(rank, 0, 1), rank, 0)
     try:
-        with hook.scaled_backward(loss, factor=0.5) as seeded:
-            seeded.backward()
-        errors.append("a window mixing seeds 1 and 0.5 was accepted")
+        loss.backward()
+        errors.append("a window mixing seeds 0.5 and 1 was accepted")
     except RuntimeError as err:
-        if "seeded with 0.5" not in str(err) or "accumulation window" not in str(err):
+        if "seeded with 1.0" not in str(err) or "seeded with 0.5" not in str(err) or "finish()" not in str(err):
             errors.append(f"unclear error: {err}")
     handler.remove()
     plain = get_gradient_handler("bucketed", average_in_backward=False)

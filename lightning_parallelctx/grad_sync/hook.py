@@ -337,8 +337,9 @@ class DataParallelGradientHook(SyncSwitch):
         raise RuntimeError(
             f"parameter {slot.name!r} got a gradient from a backward pass seeded with {self._seed} in a window "
             f"whose earlier backward passes were seeded with {self._window_seed}: one window's gradients must all be "
-            f"scaled alike to be averaged. Fix: run every backward of an accumulation window through "
-            f"scaled_backward(loss) (Lightning: manual_backward), or none of them"
+            f"scaled alike to be averaged. Fix: call finish() after each synchronising backward, and run every "
+            f"backward of an accumulation window through scaled_backward(loss) (Lightning: manual_backward), or "
+            f"none of them"
         )
 
     def _absorb(self, slot: _Slot) -> None:
@@ -347,7 +348,7 @@ class DataParallelGradientHook(SyncSwitch):
         (:meth:`scaled_backward`) are already scaled."""
         p, view = slot.param, slot.view
         grad = p.grad
-        scale = slot.bucket.hook_scale if self._window_seed == 1.0 else 1.0
+        scale = 1.0 if self._window_seed not in (None, 1.0) else slot.bucket.hook_scale
         if view is None:
             if grad is None:
                 p.grad = grad = torch.zeros_like(p)
@@ -440,14 +441,14 @@ class DataParallelGradientHook(SyncSwitch):
         return self.seed_factor
 
     @contextlib.contextmanager
-    def scaled_backward(self, loss: torch.Tensor, factor: float | None = None) -> Iterator[torch.Tensor]:
+    def scaled_backward(self, loss: torch.Tensor) -> Iterator[torch.Tensor]:
         """``with hook.scaled_backward(loss) as seeded: seeded.backward()``: the same gradients
         as ``loss.backward()`` followed by the hook's averaging, without the averaging pass over
         every gradient, when that is exact (:meth:`exact_seed`); otherwise ``seeded`` is ``loss``.
         ``seeded`` has ``loss``'s value; only its backward seed is scaled, so tensor hooks and
         ``retain_grad()`` tensors inside this backward see gradients divided by the replica count
         (as Lightning's ``accumulate_grad_batches`` divides them by the accumulation count)."""
-        factor = self.exact_seed() if factor is None else factor
+        factor = self.exact_seed()
         if factor == 1.0:
             yield loss
             return
