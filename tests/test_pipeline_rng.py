@@ -60,17 +60,21 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
         torch.manual_seed(7)
         prandom.get_rng_tracker().add("tensor", 99)
 
-    out: dict[str, Any] = {}
-    for name in SCHEDULES:
+    def make_layers() -> list[nn.Module]:
+        torch.manual_seed(0)  # the same full model on both ranks; each keeps its stages
+        return [nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5)), nn.Sequential(nn.Linear(16, 16), StreamDropout()),
+                nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5)), nn.Linear(16, 4)]
+
+    def plan_for(name: str) -> StagePlan:
         schedule = get_schedule(name)
         stages = 2 * (2 if name == "zbv_zero_bubble" else 1)
-        plan = StagePlan(pp=2, num_stages=stages, placement=schedule.placement,
+        return StagePlan(pp=2, num_stages=stages, placement=schedule.placement,
                          stages=stages_of_rank(rank, 2, stages, schedule.placement), pp_rank=rank,
                          group=dist.group.WORLD, group_ranks=[0, 1], num_microbatches=4, schedule=schedule)
-        torch.manual_seed(0)  # the same full model on both ranks; each keeps its stages
-        layers = [nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5)), nn.Sequential(nn.Linear(16, 16), StreamDropout()),
-                  nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5)), nn.Linear(16, 4)]
-        pipe = PipelineSequential(layers, plan)
+
+    out: dict[str, Any] = {}
+    for name in SCHEDULES:
+        pipe = PipelineSequential(make_layers(), plan_for(name))
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(8, 8, generator=g), torch.randn(8, 4, generator=g)
         runs = []
@@ -86,11 +90,6 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
         out[name] = runs
 
     # Opt-in: one random stream per layer (layer_rng_seed): the pp2 run draws the masks of one process.
-    def make_layers() -> list[nn.Module]:
-        torch.manual_seed(0)
-        return [nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5)), nn.Sequential(nn.Linear(16, 16), StreamDropout()),
-                nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5)), nn.Linear(16, 4)]
-
     def two_steps(pipe: Any, pipelined: bool) -> list[dict[str, Any]]:
         prandom.get_rng_tracker().reset()  # every run starts its layer streams afresh
         steps = []
@@ -110,13 +109,8 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
     x, y = torch.randn(8, 8, generator=g), torch.randn(8, 4, generator=g)
     reference = two_steps(PipelineSequential(make_layers(), layer_rng_seed=5), False)
     for name in SCHEDULES:
-        schedule = get_schedule(name)
-        stages = 2 * (2 if name == "zbv_zero_bubble" else 1)
-        plan = StagePlan(pp=2, num_stages=stages, placement=schedule.placement,
-                         stages=stages_of_rank(rank, 2, stages, schedule.placement), pp_rank=rank,
-                         group=dist.group.WORLD, group_ranks=[0, 1], num_microbatches=4, schedule=schedule)
-        out[f"layer_streams/{name}"] = (two_steps(PipelineSequential(make_layers(), plan, layer_rng_seed=5), True),
-                                        reference)
+        out[f"layer_streams/{name}"] = (
+            two_steps(PipelineSequential(make_layers(), plan_for(name), layer_rng_seed=5), True), reference)
     dist.destroy_process_group()
     return out
 
