@@ -557,13 +557,18 @@ def test_consolidated_checkpoint_continues_in_a_plain_trainer(layouts: tuple) ->
     assert _max_diff(plain["model16"], plain["state16"]) == 0.0
 
 
+def _killed_run(tmp_path_factory: pytest.TempPathFactory, name: str, job: Any, killed_rank: int) -> Path:
+    """Run ``job`` on 2 ranks in a fresh directory; it must end with ``killed_rank`` SIGKILLed."""
+    tmp = tmp_path_factory.mktemp(name)
+    with pytest.raises(RankFailure) as failure:
+        spawn(job, 2, str(tmp), timeout=180)
+    assert f"rank {killed_rank} exited with code -9" in str(failure.value), str(failure.value)[-2000:]
+    return tmp
+
+
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("kill")
-    with pytest.raises(RankFailure) as failure:
-        spawn(_killed_mid_save_job, 2, str(tmp), timeout=180)
-    assert "rank 1 exited with code -9" in str(failure.value), str(failure.value)[-2000:]
-    return tmp
+    return _killed_run(tmp_path_factory, "kill", _killed_mid_save_job, killed_rank=1)
 
 
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(killed: Path) -> None:
@@ -612,11 +617,7 @@ def _killed_between_renames_job(rank: int, world_size: int, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def killed_between_renames(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("renames")
-    with pytest.raises(RankFailure) as failure:
-        spawn(_killed_between_renames_job, 2, str(tmp), timeout=180)
-    assert "rank 0 exited with code -9" in str(failure.value), str(failure.value)[-2000:]
-    return tmp
+    return _killed_run(tmp_path_factory, "renames", _killed_between_renames_job, killed_rank=0)
 
 
 def test_last_resumes_from_a_replacement_cut_between_its_renames(killed_between_renames: Path) -> None:
