@@ -721,6 +721,8 @@ def test_single_process_hook_is_a_no_op_and_options_are_checked() -> None:
         DataParallelGradientHook(model, None, bucket_cap_mb=0)
     with pytest.raises(ValueError, match="in_place_mb must be > 0 or None, got -1"):
         DataParallelGradientHook(model, None, in_place_mb=-1)
+    with pytest.raises(TypeError, match="average_in_backward must be True or False, got 'yes'"):
+        get_gradient_handler("bucketed", average_in_backward="yes")
 
 
 def test_strategy_gradient_handler_validates_in_lightning_cli_yaml() -> None:

@@ -54,6 +54,10 @@ class BucketedGradientHandler(GradientHandler):
                  reduce_dtype: str | torch.dtype | None = None, compress: str | torch.dtype | None = None,
                  in_place_mb: float | None = 4.0, average_in_backward: bool = True):
         super().__init__()
+        if not isinstance(average_in_backward, bool):
+            raise TypeError(f"average_in_backward must be True or False, got {average_in_backward!r}. Fix: True (the "
+                            f"default) folds the 1/replicas average into the backward's seed where exact; False "
+                            f"scales every gradient in the hook instead")
         self.average_in_backward = average_in_backward
         self._seed_ok = False  # every trainable parameter is the hook's (set in setup)
         self.bucket_cap_mb = bucket_cap_mb
