@@ -97,23 +97,28 @@ def _listening_socket(info: LaunchInfo) -> socket.socket:
 _WORLDS = itertools.count(1)
 
 
-def rendezvous_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
+def rendezvous_store(info: LaunchInfo, timeout: timedelta, join_timeout: timedelta | None = None) -> dist.Store:
     """A store for a new default group of ``info``'s world: rank 0 hosts it (see
-    :func:`listen_address`), the others connect (within ``timeout``); torchrun's agent store when
-    torchrun runs one. Each call gets a fresh key space: a reused store must not meet old keys."""
-    return dist.PrefixStore(f"pctx_world{next(_WORLDS)}/", _make_store(info, timeout))
+    :func:`listen_address`), the others connect (within ``join_timeout``, default ``timeout``);
+    torchrun's agent store when torchrun runs one. The store's own operations keep ``timeout``.
+    Each call gets a fresh key space: a reused store must not meet old keys."""
+    return dist.PrefixStore(f"pctx_world{next(_WORLDS)}/", _make_store(info, timeout, join_timeout))
 
 
-def _make_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
+def _make_store(info: LaunchInfo, timeout: timedelta, join_timeout: timedelta | None = None) -> dist.Store:
     if info.world_size == 1:
         return dist.HashStore()
     key = (info.host, info.port, info.rank, info.world_size, info.agent_store)
     if key not in _STORES:
-        _STORES[key] = _open_store(info, timeout)
+        _STORES[key] = _open_store(info, timeout, join_timeout or timeout)
     return _STORES[key]
 
 
-def _open_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
+# Named in every rendezvous error: the knob that lets slow starts through.
+_RAISE = "Raise the limit (rendezvous_timeout= of ParallelCtxStrategy, timeout= of ParallelContext)"
+
+
+def _open_store(info: LaunchInfo, timeout: timedelta, join: timedelta) -> dist.Store:
     if not info.host or not info.port:
         missing = " and ".join(n for n, v in (("host", info.host), ("port", info.port)) if not v)
         raise RendezvousError(
@@ -131,39 +136,50 @@ def _open_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
         )
     # The store owns (and closes) the descriptor from here on, also when it fails.
     listen_fd = _listening_socket(info).detach() if is_master else None
-    seconds = int(timeout.total_seconds())
+    seconds = int(join.total_seconds())
     try:
         if is_master:
             # Not torch's wait_for_workers: it counts clients, and on a timeout says "1/2 clients
             # joined" but not which ranks are missing. Each rank posts its own key instead.
             store = dist.TCPStore(info.host, info.port, info.world_size, True, timeout=timeout,
                                   wait_for_workers=False, master_listen_fd=listen_fd)
-            missing = _wait_for_ranks(store, info.world_size, timeout.total_seconds())
-            if not missing:
-                return store
         else:
-            store = _bounded_client(info, timeout)
-            store.set(_arrived_key(info.rank), "1")
+            store = _bounded_client(info, join)
+            # Joining may take long (a slow start); the store's later waits (group creation) keep
+            # the collectives' timeout, so a hang there is reported when the user asked for.
+            store.set_timeout(timeout)
+        store.set(_arrived_key(info.rank), "1")
+        # Every rank waits for all, within the join limit: a rank that went on alone would wait for
+        # the late one in the group's creation, bounded by the collectives' timeout instead.
+        missing = _wait_for_ranks(store, info.rank, info.world_size, join.total_seconds())
+        if not missing:
             return store
     except (RuntimeError, OSError) as err:
+        if "store" in locals() and not is_master:
+            # Connected, then the store went away: rank 0 ended (often: it gave up on a missing rank).
+            raise RendezvousError(
+                f"rank {info.rank}: lost the rendezvous store of rank 0 at {info.host}:{info.port} while waiting "
+                f"for the other ranks ({err}). Rank 0 failed or gave up first: its own output says why (often, "
+                f"a rank that never connected)."
+            ) from err
         if is_master:
             raise RendezvousError(
                 f"rank 0: not all {info.world_size} processes reached the rendezvous at "
                 f"{info.host}:{info.port} within {seconds} s ({err}). Some ranks never started or "
-                f"crashed before connecting, or they were told another host/port. Raise the limit "
-                f"with timeout=... if they are just slow."
+                f"crashed before connecting, or they were told another host/port. {_RAISE} "
+                f"if they are just slow."
             ) from err
         raise RendezvousError(
             f"rank {info.rank}: could not reach the rendezvous store of rank 0 at "
             f"{info.host}:{info.port} within {seconds} s ({err}). Rank 0 may have failed (see its "
-            f"log: a port in use?), or host/port differ between ranks. Raise the limit with "
-            f"timeout=... if rank 0 is just slow to start."
+            f"log: a port in use?), or host/port differ between ranks. {_RAISE} "
+            f"if rank 0 is just slow to start."
         ) from err
     raise RendezvousError(
-        f"rank 0: not all {info.world_size} processes reached the rendezvous at {info.host}:{info.port} within "
+        f"rank {info.rank}: not all {info.world_size} processes reached the rendezvous at {info.host}:{info.port} within "
         f"{seconds} s: rank(s) {missing} never connected. They never started, crashed or hang before creating "
-        f"their Trainer/context (their own output says why), or they were told another host/port. Raise the "
-        f"limit with timeout=... if they are just slow."
+        f"their Trainer/context (their own output says why), or they were told another host/port. {_RAISE} "
+        f"if they are just slow."
         # srun leaves the other tasks running when one fails, and none of our code runs in a rank
         # stuck before its rendezvous: only srun can end it.
         + (" Under srun, --kill-on-bad-exit=1 ends those ranks when this one fails; without it they keep running."
@@ -172,20 +188,22 @@ def _open_store(info: LaunchInfo, timeout: timedelta) -> dist.Store:
 
 
 def _arrived_key(rank: int) -> str:
-    return f"pctx_arrived/{rank}"
+    # torchrun's agent store outlives a restart of its workers: keys of an earlier attempt must not count.
+    return f"pctx_arrived/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
 
 
-def _wait_for_ranks(store: dist.Store, world_size: int, timeout_s: float) -> list[int]:
-    """Rank 0: wait (one blocking ``wait``) until every other rank has posted its arrival key; on a
+def _wait_for_ranks(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> list[int]:
+    """Wait (one blocking ``wait``) until every other rank has posted its arrival key; on a
     timeout, the ranks still missing (empty when all came)."""
-    keys = [_arrived_key(r) for r in range(1, world_size)]
+    others = [r for r in range(world_size) if r != rank]
+    keys = [_arrived_key(r) for r in others]
     try:
         store.wait(keys, timedelta(seconds=timeout_s))
         return []
     except RuntimeError as err:  # torch's DistStoreError (a RuntimeError) on timeout
         if "timeout" not in str(err).lower() and "timed out" not in str(err).lower():
             raise
-    return [r for r, key in zip(range(1, world_size), keys) if not store.check([key])]
+    return [r for r, key in zip(others, keys) if not store.check([key])]
 
 
 def _bounded_client(info: LaunchInfo, timeout: timedelta) -> dist.Store:

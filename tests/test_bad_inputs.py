@@ -61,6 +61,7 @@ def _cases(tmp: Path, multi: bool) -> list[tuple[str, Callable[[], Any], type, s
         ("strategy order='tp-dp'", dict(order="tp-dp"), r"order 'tp-dp' must name each of the five axes exactly once.*missing: "),
         ("strategy launcher='pbs'", dict(launcher="pbs"), r"launcher='pbs' must be one of auto, local, torchrun"),
         ("strategy timeout=0", dict(timeout=0), r"timeout=0 must be a positive number of seconds"),
+        ("strategy rendezvous_timeout='60'", dict(rendezvous_timeout="60"), r"rendezvous_timeout='60' must be a positive number of seconds"),
         ("strategy sync_initial_weights='yes'", dict(sync_initial_weights="yes"), r"sync_initial_weights='yes' must be a bool"),
         ("strategy print_layout=1", dict(print_layout=1), r"print_layout=1 must be a bool"),
         ("strategy process_group_backend='tcp'", dict(process_group_backend="tcp"), r"process_group_backend='tcp' must be 'gloo', 'nccl', 'mpi' or None"),
@@ -118,7 +119,7 @@ def _cases(tmp: Path, multi: bool) -> list[tuple[str, Callable[[], Any], type, s
         ("rendezvous host unresolvable", lambda: listen_address("no-such-host.invalid", True), RendezvousError,
          r"rendezvous host 'no-such-host.invalid' does not resolve.*Fix: set MASTER_ADDR"),
         ("rendezvous without host/port (MPI on 2 nodes)",
-         lambda: _open_store(LaunchInfo("openmpi", 1, 4, 0, 2), as_timedelta(5)), RendezvousError,
+         lambda: _open_store(LaunchInfo("openmpi", 1, 4, 0, 2), as_timedelta(5), as_timedelta(5)), RendezvousError,
          r"rank 1: no rendezvous host and port for 4 openmpi processes.*pass host=/port=.*MASTER_ADDR"),
         # ---------------------------------------------------------------- checkpoint paths
         ("checkpoint: a directory that is not one", lambda: _load_from(tmp / "not-a-checkpoint"), Exception,

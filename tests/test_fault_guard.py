@@ -9,7 +9,6 @@ The three jobs start together with the module: two of them mostly wait for a tim
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys

@@ -9,6 +9,7 @@ srun without --kill-on-bad-exit): the hung rank's watchdog must end it.
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import timedelta
 
@@ -146,9 +147,18 @@ def test_torchrun_store_wait_names_the_silent_ranks() -> None:
     assert note is not None and "rank(s) [2] never joined the creation of the process group" in note
 
 
-def test_rendezvous_names_the_ranks_that_never_connected() -> None:
+# rank 1's join limit, and what it says: first itself naming rank 2 (rank 0 still waits), then
+# rank 0's end (rank 0 gave up first and took its store with it).
+RANK1_SAYS = {1.5: r"rank 1: not all 3 processes reached the rendezvous at 127.0.0.1:\d+ within 1 s: rank\(s\) \[2\] "
+                   r"never connected",
+              4.0: r"rank 1: lost the rendezvous store of rank 0 at 127.0.0.1:\d+ while waiting for the other ranks "
+                   r".*Rank 0 failed or gave up first"}
+
+
+@pytest.mark.parametrize("rank1_join", sorted(RANK1_SAYS))
+def test_rendezvous_names_the_ranks_that_never_connected(rank1_join: float) -> None:
     """Rank 0 of 3 (here, in this process) with rank 1 connecting (a thread) and rank 2 never coming:
-    the error names rank 2, within the timeout."""
+    rank 0 fails within its 3 s naming rank 2; rank 1, which waits for every rank too, fails as well."""
     import threading
 
     from lightning_parallelctx.errors import RendezvousError
@@ -160,14 +170,55 @@ def test_rendezvous_names_the_ranks_that_never_connected() -> None:
     def info(rank: int) -> LaunchInfo:
         return LaunchInfo("torchrun", rank, 3, rank, 3, 0, 1, "127.0.0.1", port)
 
+    errors: list[str] = []
+
     def rank1() -> None:
         time.sleep(0.5)  # after rank 0 listens
-        _open_store(info(1), timedelta(seconds=10))
+        try:
+            _open_store(info(1), timedelta(seconds=10), timedelta(seconds=rank1_join))
+        except RendezvousError as err:
+            errors.append(str(err))
 
     client = threading.Thread(target=rank1, daemon=True)
     client.start()
     start = time.monotonic()
     with pytest.raises(RendezvousError, match=r"not all 3 processes reached the rendezvous at 127.0.0.1:\d+ within 3 s: "
                                               r"rank\(s\) \[2\] never connected"):
-        _open_store(info(0), timedelta(seconds=3))
+        _open_store(info(0), timedelta(seconds=3), timedelta(seconds=3))
+    client.join(10)
     assert time.monotonic() - start < 10
+    assert len(errors) == 1 and re.search(RANK1_SAYS[rank1_join], errors[0]), errors
+
+
+def test_a_slow_start_is_let_through_by_the_rendezvous_timeout_alone() -> None:
+    """rendezvous_timeout (join) and timeout (the store's operations) are separate: rank 1 arrives
+    after 3 s, later than the 1 s timeout but within the 30 s join limit, and the world forms; a
+    key that never comes still fails after about 1 s on both ranks, not 30."""
+    import threading
+
+    from lightning_parallelctx.launchers import LaunchInfo
+    from lightning_parallelctx.rendezvous import _open_store, find_free_port
+
+    port = find_free_port()
+    ops, join = timedelta(seconds=1), timedelta(seconds=30)
+    stores: dict[int, object] = {}
+
+    def rank1() -> None:
+        time.sleep(3.0)
+        stores[1] = _open_store(LaunchInfo("torchrun", 1, 2, 1, 2, 0, 1, "127.0.0.1", port), ops, join)
+
+    client = threading.Thread(target=rank1, daemon=True)
+    client.start()
+    start = time.monotonic()
+    stores[0] = _open_store(LaunchInfo("torchrun", 0, 2, 0, 2, 0, 1, "127.0.0.1", port), ops, join)
+    assert time.monotonic() - start >= 2.5  # rank 0 did wait for the late rank
+    client.join(30)
+    assert set(stores) == {0, 1}
+    for rank, store in stores.items():
+        store.set(f"hello{rank}", "1")
+    for rank, store in stores.items():
+        assert store.get(f"hello{1 - rank}") == b"1"
+        begin = time.monotonic()
+        with pytest.raises(RuntimeError, match="(?i)time"):
+            store.get("never-set")
+        assert time.monotonic() - begin < 10, f"rank {rank}: the store's operations kept the join limit"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fault_jobs import LIMIT, ROOT, SCRIPT, STARTUP, TIMEOUT, clean_env, kill_left, weights
+from fault_jobs import LIMIT, ROOT, SCRIPT, STARTUP, TIMEOUT, clean_env, kill_left, timeout_args, weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.launcher]
 
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.launcher]
 def _agent(node: int, port: int, pids: Path, extra: list[str], nodes: int = 2, nproc: int = 2) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(node),
            "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port),
-           str(SCRIPT), "--devices", str(nproc), "--nodes", str(nodes), "--timeout", str(TIMEOUT),
+           str(SCRIPT), "--devices", str(nproc), "--nodes", str(nodes), *timeout_args(),
            "--pids", str(pids), *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import sbatch_and_wait
-from fault_jobs import LIMIT, ROOT, SCRIPT, TIMEOUT, clean_env, kill_left, weights
+from fault_jobs import LIMIT, ROOT, SCRIPT, clean_env, kill_left, timeout_args, weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.launcher]
 
@@ -94,7 +94,7 @@ def test_srun_two_nodes(tmp_path: Path, two_node_slurm: dict[str, str]) -> None:
     SIGKILLed inside a data-parallel fit (tp=4 alone issues no collective in this model's steps, so
     the others would finish without noticing) and every task of both nodes ends."""
     pids = tmp_path / "pids"
-    fit = f"{sys.executable} {SCRIPT} --timeout {TIMEOUT}"
+    fit = " ".join([sys.executable, str(SCRIPT), *timeout_args()])
     script = tmp_path / "two.sbatch"
     # 4 task slots per node, so that the one-node step fits; the two-node steps ask for 2 per node.
     script.write_text(f"""#!/bin/bash

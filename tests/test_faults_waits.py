@@ -1,21 +1,22 @@
 """The strategy's own launcher, the faults that end only when the timeout strikes: a rank hangs in
-``training_step`` (the child, or the main process) or never reaches the rendezvous. Their jobs
+``training_step`` (the child, or the main process) or never reaches the rendezvous; and a rank that
+reaches it late, which rendezvous_timeout= lets through. Their jobs
 start together when the module starts (each mostly waits), see tests/fault_jobs.py."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-from fault_jobs import LIMIT, TIMEOUT, Job, last_lines, start_fault
+from fault_jobs import LIMIT, TIMEOUT, Job, last_lines, start_fault, weights
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Job]:
-    cases = {"child hangs": ("hang", 1), "main hangs": ("hang", 0), "no rendezvous": ("norendezvous", 1)}
+    cases = {"child hangs": ("hang", 1), "main hangs": ("hang", 0), "no rendezvous": ("norendezvous", 1),
+             "slow start": ("slowstart", 1)}
     return {name: start_fault(tmp_path_factory.mktemp(fault), fault, rank) for name, (fault, rank) in cases.items()}
 
 
@@ -49,3 +50,13 @@ def test_child_never_reaches_the_rendezvous(jobs: dict[str, Job]) -> None:
     tail = last_lines(out, 4)
     assert re.search(rf"RendezvousError: rank 0: not all 2 processes reached the rendezvous at 127.0.0.1:\d+ within "
                      rf"{TIMEOUT} s: rank\(s\) \[1\] never connected", tail), tail
+
+
+@pytest.mark.timeout(LIMIT + 30)
+def test_a_start_slower_than_timeout_is_let_through_by_rendezvous_timeout(jobs: dict[str, Job]) -> None:
+    """Rank 1 reaches the rendezvous 35 s late: later than timeout= (30 s, for collectives) but within
+    rendezvous_timeout= (90 s); the fit trains to its end on both ranks."""
+    code, out, seconds = jobs["slow start"].finish()
+    assert code == 0, last_lines(out, 30)
+    assert seconds > TIMEOUT
+    assert len(weights(out)) == 2, last_lines(out, 10)

@@ -103,7 +103,6 @@ def _reference(rank: int, world_size: int) -> dict[str, Any]:
 
 
 def _parallel(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
-    import lightning.pytorch as pl
     import torch.distributed as dist
     from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -89,7 +88,6 @@ def _errors(fn: Any) -> str:
 
 
 def _parallel(rank: int, world_size: int, config: str) -> dict[str, Any]:
-    import lightning.pytorch as pl
     import torch.nn.functional as F
 
     from examples.pipeline.model import PipelinedMLP

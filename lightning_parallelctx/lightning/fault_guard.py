@@ -183,7 +183,7 @@ def _rendezvous_note(exc: BaseException) -> str | None:
     if "clients joined" in text or "waiting for clients" in text:
         return (f"{TAG} not every rank reached the rendezvous within the timeout: some processes never started, "
                 f"crashed or hang before creating the Trainer, or were given another MASTER_ADDR/MASTER_PORT. "
-                f"Their own output says why; raise timeout= if they are only slow to start.")
+                f"Their own output says why; raise rendezvous_timeout= if they are only slow to start.")
     silent = silent_ranks_in_store_wait(text)
     if silent:
         return (f"{TAG} rank(s) {silent} never joined the creation of the process group within the timeout: "

@@ -107,6 +107,12 @@ def _check_size(name: str, value: Any, allow_auto: bool = False) -> Any:
     return value
 
 
+def _seconds(name: str, value: Any) -> timedelta:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ParallelConfigError(f"{name}={value!r} must be a positive number of seconds")
+    return timedelta(seconds=float(value))
+
+
 class ParallelCtxStrategy(ParallelStrategy):
     """Data, tensor, pipeline, sequence and expert parallelism with a :class:`ParallelContext`.
 
@@ -151,6 +157,9 @@ class ParallelCtxStrategy(ParallelStrategy):
             works with the library's layers. A model already sharded in configure_model is left as is.
         process_group_backend: ``"gloo"``/``"nccl"``; default from the device.
         timeout: seconds before a collective is declared hung.
+        rendezvous_timeout: seconds every rank may take to reach the rendezvous at the start of
+            ``fit`` (start-up: imports from a shared file system, a container pull); ``None``: ``timeout``.
+            A longer one lets slow starts through without making a hung collective wait longer.
         cluster_environment: a Lightning ``ClusterEnvironment`` instead of ``ParallelCtxEnvironment``.
         async_checkpoint: write checkpoints on a background thread (training goes on after an
             in-memory copy); see docs/checkpoints.md.
@@ -177,6 +186,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         fsdp: bool = False,
         process_group_backend: Literal["gloo", "nccl", "mpi"] | None = None,
         timeout: float = 1800.0,
+        rendezvous_timeout: float | None = None,
         cluster_environment: ClusterEnvironment | None = None,
         async_checkpoint: bool = False,
     ) -> None:
@@ -211,8 +221,8 @@ class ParallelCtxStrategy(ParallelStrategy):
             raise ParallelConfigError(f"fsdp={fsdp!r} must be a bool")
         if process_group_backend is not None and process_group_backend not in ("gloo", "nccl", "mpi"):
             raise ParallelConfigError(f"process_group_backend={process_group_backend!r} must be 'gloo', 'nccl', 'mpi' or None")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ParallelConfigError(f"timeout={timeout!r} must be a positive number of seconds")
+        self._timeout = _seconds("timeout", timeout)
+        self._join_timeout = None if rendezvous_timeout is None else _seconds("rendezvous_timeout", rendezvous_timeout)
         if not isinstance(async_checkpoint, bool):
             raise ParallelConfigError(f"async_checkpoint={async_checkpoint!r} must be a bool")
         if cluster_environment is not None:
@@ -229,7 +239,6 @@ class ParallelCtxStrategy(ParallelStrategy):
         self._sync_initial_weights = sync_initial_weights
         self._fsdp = fsdp
         self._process_group_backend = process_group_backend
-        self._timeout = timedelta(seconds=float(timeout))
         self._context: ParallelContext | None = None
         self._grad_handler: Any = None
         self._buffer_sync: ReplicaBufferSync | None = None
@@ -296,7 +305,7 @@ class ParallelCtxStrategy(ParallelStrategy):
         info = LaunchInfo("lightning", self.global_rank, self.world_size, self.local_rank, self.num_processes,
                           self.node_rank, self.num_nodes, env.main_address, env.main_port,
                           agent_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true")
-        return rendezvous_store(info, self._timeout)
+        return rendezvous_store(info, self._timeout, self._join_timeout)
 
     def _launch_env(self) -> dict[str, str]:
         env = self.cluster_environment

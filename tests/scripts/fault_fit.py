@@ -23,11 +23,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_parallelctx.lightning import ParallelCtxStrategy
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--fault", choices=["none", "raise", "kill", "hang", "exit", "norendezvous"], default="none")
+parser.add_argument("--fault", choices=["none", "raise", "kill", "hang", "exit", "norendezvous", "slowstart"], default="none")
 parser.add_argument("--rank", type=int, default=1)
 parser.add_argument("--step", type=int, default=2)
 parser.add_argument("--devices", type=int, default=2)
 parser.add_argument("--timeout", type=float, default=10.0)
+parser.add_argument("--rendezvous-timeout", type=float, default=None)
 parser.add_argument("--pids", default=None)
 parser.add_argument("--launcher", default="auto")
 parser.add_argument("--nodes", type=int, default=1)
@@ -52,6 +53,8 @@ if args.pids:
 
 if args.fault == "norendezvous" and my_rank() == args.rank:
     time.sleep(3600)
+if args.fault == "slowstart" and my_rank() == args.rank:  # later than --timeout, within --rendezvous-timeout
+    time.sleep(args.timeout + 5)
 
 
 class Model(pl.LightningModule):
@@ -83,7 +86,8 @@ pl.seed_everything(0, verbose=False)  # every rank starts from the same weights,
 data = DataLoader(TensorDataset(torch.randn(64, 8)), batch_size=4)
 trainer = pl.Trainer(accelerator="cpu", devices=args.devices, num_nodes=args.nodes, max_steps=args.steps, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     strategy=ParallelCtxStrategy(timeout=args.timeout, launcher=args.launcher, print_layout=False,
+                     strategy=ParallelCtxStrategy(timeout=args.timeout, rendezvous_timeout=args.rendezvous_timeout,
+                                                  launcher=args.launcher, print_layout=False,
                                                   tensor_parallel_size=args.tp))
 model = Model()
 trainer.fit(model, data)
