@@ -121,9 +121,11 @@ class ParallelContext:
     def __init__(self, sizes: Mapping[str, Any], *, launcher: str | None = None, host: str | None = None,
                  port: int | None = None, order: "str | Sequence[str] | None" = None,
                  modes: Iterable[InitializerSpec] = (), backend: str | None = None,
-                 timeout: "float | timedelta" = DEFAULT_TIMEOUT, env: Mapping[str, str] | None = None):
+                 timeout: "float | timedelta" = DEFAULT_TIMEOUT, rendezvous_timeout: "float | timedelta | None" = None,
+                 env: Mapping[str, str] | None = None):
         started = time.perf_counter()
         self._timeout = as_timedelta(timeout)
+        join = None if rendezvous_timeout is None else as_timedelta(rendezvous_timeout, "rendezvous_timeout")
         self._owns_world = False
         self._destroyed = False
         build_id = next(_BUILD_COUNTER)
@@ -144,7 +146,7 @@ class ParallelContext:
         computed = mode_groups_for(self.layout, modes)
 
         if not dist.is_initialized():
-            init_world(self._launch, backend, self._timeout, self._namespace)
+            init_world(self._launch, backend, self._timeout, self._namespace, join)
             self._owns_world = True
         try:
             _check_same_everywhere(self.layout, computed, build_id)
@@ -340,7 +342,7 @@ class ParallelContext:
         return state.ranks
 
 
-_OPTIONS = {"order", "modes", "backend", "timeout", "env"}
+_OPTIONS = {"order", "modes", "backend", "timeout", "rendezvous_timeout", "env"}
 
 
 def _live_context(sizes: dict, order: tuple, modes: tuple[str, ...] = ()) -> "ParallelContext | None":

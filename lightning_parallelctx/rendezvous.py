@@ -22,11 +22,11 @@ from .errors import RendezvousError
 from .launchers import LaunchInfo
 
 
-def as_timedelta(timeout: "float | int | timedelta") -> timedelta:
+def as_timedelta(timeout: "float | int | timedelta", name: str = "timeout") -> timedelta:
     if isinstance(timeout, timedelta):
         return timeout
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise RendezvousError(f"timeout={timeout!r} must be a positive number of seconds or a timedelta")
+        raise RendezvousError(f"{name}={timeout!r} must be a positive number of seconds or a timedelta")
     return timedelta(seconds=float(timeout))
 
 
@@ -115,7 +115,7 @@ def _make_store(info: LaunchInfo, timeout: timedelta, join_timeout: timedelta | 
 
 
 # Named in every rendezvous error: the knob that lets slow starts through.
-_RAISE = "Raise the limit (rendezvous_timeout= of ParallelCtxStrategy, timeout= of ParallelContext)"
+_RAISE = "Raise the limit with rendezvous_timeout=..."
 
 
 def _open_store(info: LaunchInfo, timeout: timedelta, join: timedelta) -> dist.Store:
@@ -238,9 +238,10 @@ def _bounded_client(info: LaunchInfo, timeout: timedelta) -> dist.Store:
     return box["store"]  # type: ignore[return-value]
 
 
-def init_world(info: LaunchInfo, backend: str | None, timeout: timedelta, namespace: str) -> None:
+def init_world(info: LaunchInfo, backend: str | None, timeout: timedelta, namespace: str,
+               join_timeout: timedelta | None = None) -> None:
     """Create the default process group; ``namespace`` keeps each build's store keys apart."""
-    store = _make_store(info, timeout)
+    store = _make_store(info, timeout, join_timeout)
     try:
         dist.init_process_group(
             backend or default_backend(),

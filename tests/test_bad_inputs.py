@@ -86,6 +86,8 @@ def _cases(tmp: Path, multi: bool) -> list[tuple[str, Callable[[], Any], type, s
         ("layout rank outside world", lambda: RankLayout.build(4, tensor=2).coords(9), ParallelConfigError,
          r"rank 9 is outside 0..3 \(world size 4\)"),
         ("context timeout=-1", lambda: as_timedelta(-1), RendezvousError, r"timeout=-1 must be a positive number of seconds"),
+        ("context rendezvous_timeout=True", lambda: ParallelContext(dict(tensor=1), rendezvous_timeout=True, env={}),
+         RendezvousError, r"rendezvous_timeout=True must be a positive number of seconds or a timedelta"),
         ("context unknown option", lambda: ParallelContext.from_torch(tensor_parallel_size=1, timout=5), ParallelConfigError,
          r"unknown option\(s\) \['timout'\]; options are \[.*'timeout'"),
         ("mode unknown name", lambda: resolve_initializer("nope"), Exception, r"'nope'"),

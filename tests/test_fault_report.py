@@ -119,7 +119,7 @@ def _hung_fit(rank: int, world_size: int) -> None:
 
     trainer = pl.Trainer(accelerator="cpu", devices=world_size, max_steps=4, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         strategy=ParallelCtxStrategy(timeout=8, print_layout=False))
+                         strategy=ParallelCtxStrategy(timeout=8, rendezvous_timeout=120, print_layout=False))
     trainer.fit(Model(), DataLoader(TensorDataset(torch.randn(32, 4)), batch_size=4))
 
 
