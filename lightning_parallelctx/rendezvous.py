@@ -137,6 +137,7 @@ def _open_store(info: LaunchInfo, timeout: timedelta, join: timedelta) -> dist.S
     # The store owns (and closes) the descriptor from here on, also when it fails.
     listen_fd = _listening_socket(info).detach() if is_master else None
     seconds = int(join.total_seconds())
+    store: dist.Store | None = None
     try:
         if is_master:
             # Not torch's wait_for_workers: it counts clients, and on a timeout says "1/2 clients
@@ -155,7 +156,7 @@ def _open_store(info: LaunchInfo, timeout: timedelta, join: timedelta) -> dist.S
         if not missing:
             return store
     except (RuntimeError, OSError) as err:
-        if "store" in locals() and not is_master:
+        if store is not None and not is_master:
             # Connected, then the store went away: rank 0 ended (often: it gave up on a missing rank).
             raise RendezvousError(
                 f"rank {info.rank}: lost the rendezvous store of rank 0 at {info.host}:{info.port} while waiting "
