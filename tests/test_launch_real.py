@@ -212,6 +212,23 @@ def test_missing_examples_package_says_the_fix(tmp_path: Path, monkeypatch: pyte
     assert capsys.readouterr().err == ""  # a config that does not name the examples: no advice
 
 
+@pytest.mark.parametrize("arg, reason", [
+    ("--trainer.strategy.init_args.rendezvous_timeout=-5", "rendezvous_timeout=-5.0 must be a positive number of seconds"),
+    ("--trainer.strategy.init_args.tensor_parallel_size=0", "tensor_parallel_size=0 must be >= 1"),
+])
+def test_a_refused_strategy_argument_is_the_cli_last_line(capsys: pytest.CaptureFixture[str], arg: str,
+                                                          reason: str) -> None:
+    """jsonargparse's report ends with the whole parsed Namespace; the strategy's own message, which
+    says what is wrong, must be what the user reads last."""
+    from lightning_parallelctx.lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(ROOT / CONFIG), arg])
+    assert exit_.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"lightning-parallelctx: the config was refused: {reason}", last
+
+
 # ------------------------------------------------------------------------------------ pipeline
 PP_CONFIG = "configs/cpu-pp2-dp2.yaml"
 PP_FIT = ["-m", "lightning_parallelctx", "fit", "--config", PP_CONFIG, *QUICK]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,15 @@ def main(argv: Sequence[str] | None = None, **cli_kwargs: Any) -> LightningCLI:
     except SystemExit:
         _explain_missing_examples(args)
         raise
+    except ValueError as err:
+        reasons = config_errors(str(err))
+        if not reasons:
+            raise
+        # jsonargparse ends with the whole parsed Namespace (hundreds of characters) and buries the
+        # class's own message above it: print its traceback, then the reason as the last line.
+        traceback.print_exc()
+        print(f"lightning-parallelctx: the config was refused: {'; '.join(reasons)}", file=sys.stderr)
+        raise SystemExit(1) from None
     if args and args[0] == "fit" and cli.trainer.is_global_zero:
         _print_final_loss(cli.trainer)
     return cli
@@ -76,6 +86,17 @@ def _explain_missing_examples(args: Sequence[str]) -> None:
             print("lightning-parallelctx: this config names classes of the repository's 'examples' package, "
                   "which is not importable here (the package was not installed from a clone). Fix: run from "
                   "the clone's root, or export PYTHONPATH=/path/to/clone", file=sys.stderr)
+
+
+def config_errors(message: str) -> list[str]:
+    """The classes' own messages in jsonargparse's "Does not validate against any of the Union
+    subtypes ... Errors: - ..." report; without the other members' type mismatches ("Expected a
+    <class 'str'>"), which only say that the value is not a string."""
+    if "Errors:" not in message:
+        return []
+    listed = message.split("Errors:", 1)[1].split("\nGiven value", 1)[0]
+    items = [line.strip()[2:].strip() for line in listed.splitlines() if line.strip().startswith("- ")]
+    return [item for item in items if not item.startswith("Expected a ")]
 
 
 def _print_final_loss(trainer: Any) -> None:
