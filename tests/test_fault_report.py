@@ -119,7 +119,7 @@ def _hung_fit(rank: int, world_size: int) -> None:
 
     trainer = pl.Trainer(accelerator="cpu", devices=world_size, max_steps=4, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         strategy=ParallelCtxStrategy(timeout=8, rendezvous_timeout=120, print_layout=False))
+                         strategy=ParallelCtxStrategy(timeout=15, rendezvous_timeout=120, print_layout=False))
     trainer.fit(Model(), DataLoader(TensorDataset(torch.randn(32, 4)), batch_size=4))
 
 
@@ -128,7 +128,7 @@ def test_hung_rank_is_ended_by_its_watchdog() -> None:
     with pytest.raises(RankFailure) as err:
         spawn(_hung_fit, 2, timeout=150)
     elapsed = time.monotonic() - start
-    # Rank 0 times out (8 s) and reports; rank 1's watchdog ends it 10 s later (exit code 1), long
+    # Rank 0 times out (15 s) and reports; rank 1's watchdog ends it 10 s later (exit code 1), long
     # before spawn's own deadline would have killed it.
     assert err.value.errors[1] == "rank 1 exited with code 1 without reporting", err.value.errors
     assert "never joined: [1]" in err.value.errors[0], err.value.errors[0]
