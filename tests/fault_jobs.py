@@ -62,7 +62,8 @@ def kill_left(pids: Path, wait_s: float = 5.0) -> list[int]:
 
 
 def timeout_args(fault: str = "none") -> list[str]:
-    join = TIMEOUT if fault == "norendezvous" else STARTUP
+    # "slowstart" sleeps TIMEOUT + 5 s on top of its start before the rendezvous.
+    join = {"norendezvous": TIMEOUT, "slowstart": STARTUP + TIMEOUT}.get(fault, STARTUP)
     return ["--timeout", str(TIMEOUT), "--rendezvous-timeout", str(join)]
 
 
