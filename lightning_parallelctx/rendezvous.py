@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import RendezvousError
+from .errors import ParallelConfigError, RendezvousError
 from .launchers import LaunchInfo
 
 
@@ -26,7 +26,7 @@ def as_timedelta(timeout: "float | int | timedelta", name: str = "timeout") -> t
     if isinstance(timeout, timedelta):
         return timeout
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise RendezvousError(f"{name}={timeout!r} must be a positive number of seconds or a timedelta")
+        raise ParallelConfigError(f"{name}={timeout!r} must be a positive number of seconds or a timedelta")
     return timedelta(seconds=float(timeout))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Generator, Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +47,7 @@ from ..initializers import mode_groups_for, resolve_initializer
 from ..launchers import LaunchInfo
 from ..layout import RankLayout
 from ..mode import ParallelMode
-from ..rendezvous import rendezvous_store
+from ..rendezvous import as_timedelta, rendezvous_store
 from . import atomic
 from ..pipeline import DEFAULT_SCHEDULE, Schedule, StagePlan, resolve_pipeline_config
 from . import checkpoint as _ckpt
@@ -105,12 +104,6 @@ def _check_size(name: str, value: Any, allow_auto: bool = False) -> Any:
     if value < 1:
         raise ParallelConfigError(f"{name}={value} must be >= 1")
     return value
-
-
-def _seconds(name: str, value: Any) -> timedelta:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ParallelConfigError(f"{name}={value!r} must be a positive number of seconds")
-    return timedelta(seconds=float(value))
 
 
 class ParallelCtxStrategy(ParallelStrategy):
@@ -221,8 +214,8 @@ class ParallelCtxStrategy(ParallelStrategy):
             raise ParallelConfigError(f"fsdp={fsdp!r} must be a bool")
         if process_group_backend is not None and process_group_backend not in ("gloo", "nccl", "mpi"):
             raise ParallelConfigError(f"process_group_backend={process_group_backend!r} must be 'gloo', 'nccl', 'mpi' or None")
-        self._timeout = _seconds("timeout", timeout)
-        self._join_timeout = None if rendezvous_timeout is None else _seconds("rendezvous_timeout", rendezvous_timeout)
+        self._timeout = as_timedelta(timeout)
+        self._join_timeout = None if rendezvous_timeout is None else as_timedelta(rendezvous_timeout, "rendezvous_timeout")
         if not isinstance(async_checkpoint, bool):
             raise ParallelConfigError(f"async_checkpoint={async_checkpoint!r} must be a bool")
         if cluster_environment is not None:
