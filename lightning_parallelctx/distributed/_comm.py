@@ -41,8 +41,8 @@ Pieces = Union[int, list[int]]
 def split_sizes(total: int, parts: int) -> list[int]:
     """The piece sizes of ``torch.tensor_split(range(total), parts)``: the first ``total % parts``
     pieces are one longer (so 5 over 2 is [3, 2], 1 over 2 is [1, 0])."""
-    q, r = divmod(total, parts)
-    return [q + 1] * r + [q] * (parts - r)
+    pieces = split_pieces(total, parts)
+    return [pieces] * parts if isinstance(pieces, int) else pieces
 
 
 def split_pieces(total: int, parts: int) -> Pieces:

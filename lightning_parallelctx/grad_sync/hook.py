@@ -180,6 +180,7 @@ class DataParallelGradientHook(SyncSwitch):
             )
         self._buckets = self._build_buckets(named, GroupResolver(ctx))
         self.seed_factor = _exact_seed_factor(self._buckets)
+        self._params = tuple(slot.param for bucket in self._buckets for slot in bucket.slots)
         for bucket in self._buckets:
             for slot in bucket.slots:
                 self._handles.append(slot.param.register_post_accumulate_grad_hook(self._make_hook(slot)))
@@ -434,10 +435,8 @@ class DataParallelGradientHook(SyncSwitch):
         uniform 1/replicas when that is exact now (see the module notes), else 1.0."""
         if self.seed_factor == 1.0 or not self._require_sync or self._window:
             return 1.0  # inside no_sync, DDP leaves local unscaled gradients: so does this
-        for bucket in self._buckets:
-            for slot in bucket.slots:
-                if slot.param.grad is not None:  # old + new/n would average to n*old + avg(new)
-                    return 1.0
+        if any(p.grad is not None for p in self._params):  # old + new/n would average to n*old + avg(new)
+            return 1.0
         return self.seed_factor
 
     @contextlib.contextmanager
@@ -526,7 +525,7 @@ class DataParallelGradientHook(SyncSwitch):
     # ------------------------------------------------------------------ introspection
     def parameters(self) -> list[torch.nn.Parameter]:
         """The parameters whose gradients this hook reduces or scales."""
-        return [slot.param for bucket in self._buckets for slot in bucket.slots]
+        return list(self._params)
 
     @property
     def buckets(self) -> list[dict[str, Any]]:
