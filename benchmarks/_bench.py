@@ -98,7 +98,8 @@ def interleaved(step, names: list[str], rounds: int, warmup: int) -> dict[str, l
 
 
 def step_timer():
-    """A Lightning callback whose ``times`` are the seconds of each training step (batch start to end)."""
+    """A Lightning callback whose ``times`` are the wall seconds of each training step (batch start
+    to end) and ``cpu_times`` this process's CPU seconds over the same span (every thread)."""
     import time
 
     import lightning.pytorch as pl
@@ -106,12 +107,14 @@ def step_timer():
     class StepTimer(pl.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.cpu_times: list[float] = []
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self._t = time.perf_counter()
+            self._t, self._c = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.times.append(time.perf_counter() - self._t)
+            self.cpu_times.append(time.process_time() - self._c)
 
     return StepTimer()
 

@@ -25,10 +25,6 @@ import time
 from _bench import dp_mlp, pin_to_core, reexec_with_malloc_env, spawn_measured  # benchmarks/_bench.py
 
 
-def _model(torch):
-    return dp_mlp(torch)
-
-
 def _parse_hook_variant(spec: str) -> tuple[str, dict]:
     """``cap[:first_cap[:compress[:in_place_mb[:seed]]]]``, e.g. ``25``, ``25:1``, ``25::bf16``,
     ``25:::none``, ``25::::0`` (seed 0: average_in_backward=False, the hook scales every gradient)."""
@@ -56,19 +52,19 @@ def _worker(rank: int, world_size: int, args: dict) -> dict:
 
     variants: dict[str, tuple[torch.nn.Module, object | None]] = {}
     for name, options in map(_parse_hook_variant, args["hook_variants"]):
-        model = _model(torch)
+        model = dp_mlp(torch)
         handler = get_gradient_handler("bucketed", **options)
         variants[name] = (handler.setup(model, ctx), handler)
-    model = _model(torch)
+    model = dp_mlp(torch)
     handler = get_gradient_handler("ddp")
     variants["ddp"] = (handler.setup(model, ctx), handler)
-    model = _model(torch)
+    model = dp_mlp(torch)
     handler = get_gradient_handler("ddp", gradient_as_bucket_view=True)
     variants["ddp(bucket_view)"] = (handler.setup(model, ctx), handler)
-    model = _model(torch)
+    model = dp_mlp(torch)
     handler = get_gradient_handler("allreduce")
     variants["flat allreduce"] = (handler.setup(model, ctx), handler)
-    variants["no sync"] = (_model(torch), None)
+    variants["no sync"] = (dp_mlp(torch), None)
     names = list(variants)
 
     gen = torch.Generator().manual_seed(rank)

@@ -22,9 +22,8 @@ import argparse
 import json
 import os
 import statistics
-import time
 
-from _bench import dp_mlp, pin_to_core, reexec_with_malloc_env, spawn_measured  # benchmarks/_bench.py
+from _bench import dp_mlp, pin_to_core, reexec_with_malloc_env, spawn_measured, step_timer  # benchmarks/_bench.py
 
 VARIANTS = ("ours", "ours, scale pass", "ddp", "ddp bucket view")
 
@@ -50,29 +49,21 @@ def _fit(name: str, world: int, steps: int, batch: int) -> tuple[list[float], li
         def __init__(self) -> None:
             super().__init__()
             self.net = dp_mlp(torch)
-            self.times: list[float] = []
-            self.cpu_times: list[float] = []
 
         def training_step(self, b, batch_idx):
             return self.net(b[0]).square().mean()
-
-        def on_train_batch_start(self, b, batch_idx):
-            self._t, self._c = time.perf_counter(), time.process_time()
-
-        def on_train_batch_end(self, outputs, b, batch_idx):
-            self.times.append(time.perf_counter() - self._t)
-            self.cpu_times.append(time.process_time() - self._c)
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=1e-4)
 
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(batch * world * steps, 2048, generator=g))
-    model = Net()
+    timer = step_timer()
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=_strategy(name), max_steps=steps, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=batch))
-    return model.times[3:], model.cpu_times[3:]
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[timer])
+    trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=batch))
+    return timer.times[3:], timer.cpu_times[3:]
 
 
 def _worker(rank: int, world: int, args: dict) -> dict:
