@@ -372,6 +372,7 @@ def _two_ranks(rank: int, world: int) -> dict:
     _check(r, "seeded: compress bf16 (not seeded)",
            lambda: _vs_ddp(rank, ctx, "mlp", exact=False, rtol=2e-2, compress="bf16", seeded=True))
     _check(r, "seeded: when it applies, and a mixed window refused", lambda: _seed_rules(rank, ctx))
+    _check(r, "seeded: never with a parameter the hook leaves alone", lambda: _seed_needs_every_parameter(rank, ctx))
     _check(r, "finish idempotent / without backward", lambda: _finish_semantics(rank, ctx))
     _check(r, "double backward refused", lambda: _double_backward(rank, ctx))
     _check(r, "remove unhooks", lambda: _remove(rank, ctx))
@@ -381,6 +382,41 @@ def _two_ranks(rank: int, world: int) -> dict:
 
 
 ALL, SOME = 1e-9, 0.001  # in_place_mb: every parameter; only those of >= 1 KiB (the weights)
+
+
+def _seed_needs_every_parameter(rank: int, ctx: ParallelContext) -> tuple[list[str], int]:
+    """One layer sharded by torch's fully_shard: FSDP2 reduces (and averages) its gradients, the
+    hook leaves it alone. A seed scaled by 1/2 would halve them once more with nothing to undo it:
+    the hook itself (not only the handler) keeps the seed at 1 then."""
+    from torch.distributed.fsdp import fully_shard
+
+    errors: list[str] = []
+    plain = DataParallelGradientHook(_build("mlp"), ctx)
+    if plain.seed_factor != 0.5:
+        errors.append(f"plain parameters over 2 ranks: seed factor {plain.seed_factor}, expected 0.5")
+    plain.remove()
+    model = _build("mlp")
+    fully_shard(model.l2, mesh=ctx.device_mesh["dp"])
+    hook = DataParallelGradientHook(model, ctx)
+    if "l2.weight" in {n for b in hook.buckets for n in b["params"]}:
+        errors.append("the hook took FSDP2's parameters")
+    loss = model(_batch(rank, 0, 0), rank, 0)
+    with hook.scaled_backward(loss) as seeded:
+        if hook.seed_factor != 1.0 or seeded is not loss:
+            errors.append(f"FSDP2 parameters beside the hook's, yet seed factor {hook.seed_factor}")
+        seeded.backward()  # FSDP2 reshards l2 after its backward: the next setup sees it sharded
+    hook.finish()
+    hook.remove()
+    handler = get_gradient_handler("bucketed")
+    handler.setup(model, ctx)
+    loss = model(_batch(rank, 0, 1), rank, 0)
+    with handler.scaled_backward(loss) as seeded:
+        if seeded is not loss:
+            errors.append("the handler scaled the seed beside FSDP2's parameters")
+        seeded.backward()
+    handler.finish()
+    handler.remove()
+    return errors, 4
 
 
 def _seed_rules(rank: int, ctx: ParallelContext) -> tuple[list[str], int]:

@@ -15,7 +15,7 @@ from ..errors import ParallelCtxError
 from ..markers import is_expert, is_sequence_parallel
 from .base import GradientHandler, register_gradient_handler
 from .groups import GroupResolver, ReductionPlan
-from .hook import DataParallelGradientHook
+from .hook import DataParallelGradientHook, covers_trainable
 
 if TYPE_CHECKING:
     from ..context import ParallelContext
@@ -78,10 +78,9 @@ class BucketedGradientHandler(GradientHandler):
                                              reduce_dtype=self.reduce_dtype, compress=self.compress,
                                              in_place_mb=self.in_place_mb)
         self._dtensors = _local_shard_sync(dtensors, ctx)
-        # A scaled seed scales every gradient of the backward: only safe if the hook un-scales all.
-        hooked = {id(p) for p in self.hook.parameters()}
-        self._seed_ok = self.average_in_backward and self._dtensors is None and hooked == {
-            id(p) for p in module.parameters() if p.requires_grad}
+        # The hook checks what it was given; the DTensors and FSDP2's parameters split off above
+        # would be scaled by the seed too, and nothing would un-scale them.
+        self._seed_ok = self.average_in_backward and covers_trainable(self.hook.parameters(), module)
         return module
 
     def scaled_backward(self, loss: torch.Tensor) -> contextlib.AbstractContextManager[torch.Tensor]:

@@ -170,6 +170,8 @@ class DataParallelGradientHook(SyncSwitch):
         self._seed = 1.0  # the seed factor of the backward running now (scaled_backward)
         self._window_seed: float | None = None  # the seed factor of this window's backward passes
 
+        if not isinstance(module, torch.nn.Module):
+            module = list(module)  # read twice: here and for the seed factor below
         # FSDP2-managed parameters are FSDP2's to reduce (docs/traps.md #26); DTensors need the handler.
         named, dtensors = split_params(module, ctx)
         if dtensors:
@@ -179,8 +181,10 @@ class DataParallelGradientHook(SyncSwitch):
                 f"get_gradient_handler('bucketed'), which reduces their local shards after the buckets"
             )
         self._buckets = self._build_buckets(named, GroupResolver(ctx))
-        self.seed_factor = _exact_seed_factor(self._buckets)
         self._params = tuple(slot.param for bucket in self._buckets for slot in bucket.slots)
+        # A scaled seed scales every gradient of the backward, also those this hook leaves alone
+        # (FSDP2's, or a parameter with no replica to average with): only safe when it has none.
+        self.seed_factor = _exact_seed_factor(self._buckets) if covers_trainable(self._params, module) else 1.0
         for bucket in self._buckets:
             for slot in bucket.slots:
                 self._handles.append(slot.param.register_post_accumulate_grad_hook(self._make_hook(slot)))
@@ -561,6 +565,13 @@ class _SeedScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         return grad * ctx.factor, None
+
+
+def covers_trainable(params: Iterable[torch.Tensor],
+                     module: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]) -> bool:
+    """Every parameter of ``module`` (or of its (name, parameter) pairs) that requires grad is in ``params``."""
+    named = module.named_parameters() if isinstance(module, torch.nn.Module) else module
+    return {id(p) for _, p in named if p.requires_grad} <= {id(p) for p in params}
 
 
 def _exact_seed_factor(buckets: list[_Bucket]) -> float:
