@@ -213,7 +213,8 @@ def test_missing_examples_package_says_the_fix(tmp_path: Path, monkeypatch: pyte
 
 
 @pytest.mark.parametrize("arg, reason", [
-    ("--trainer.strategy.init_args.rendezvous_timeout=-5", "rendezvous_timeout=-5.0 must be a positive number of seconds"),
+    ("--trainer.strategy.init_args.rendezvous_timeout=-5",
+     "rendezvous_timeout=-5.0 must be a positive number of seconds or a timedelta"),
     ("--trainer.strategy.init_args.tensor_parallel_size=0", "tensor_parallel_size=0 must be >= 1"),
 ])
 def test_a_refused_strategy_argument_is_the_cli_last_line(capsys: pytest.CaptureFixture[str], arg: str,
