@@ -38,6 +38,7 @@ TAG = "[lightning_parallelctx]"
 REPORT_WAIT_S = 3.0
 #: Bound on each store operation of the report (the store may be gone with its rank).
 STORE_OP_TIMEOUT_S = 3.0
+#: The rank of a fit's first failure: the first post sets it, later ones leave it (compare_set).
 ABORT_KEY = "abort"
 
 
@@ -143,7 +144,9 @@ class FaultBoard:
             store = self._client()
             record.order = int(store.add("count", 1))
             store.set(f"rank{record.rank}", json.dumps(asdict(record)))
-            store.set(ABORT_KEY, str(record.rank))
+            # The first failure keeps the abort flag: a watchdog that wakes after a later post (which
+            # overwrites its wake key) still names the first cause, not a consequence.
+            store.compare_set(ABORT_KEY, "", str(record.rank))
             # Wake every rank's watchdog (one round trip, whatever the world size).
             store.multi_set([wake_key(r) for r in range(self.world_size)], [f"abort:{record.rank}"] * self.world_size)
         except Exception:  # noqa: BLE001 - the store went with its rank: nothing to tell anyone

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .faults import STORE_OP_TIMEOUT_S, TAG, wake_key
+from .faults import ABORT_KEY, STORE_OP_TIMEOUT_S, TAG, wake_key
 
 #: Seconds a rank may still run after the abort before the watchdog ends it.
 DEFAULT_GRACE_S = 10.0
@@ -107,7 +107,11 @@ class Watchdog:
                 value = "abort:?"
             if value == _STOP:
                 return
-            reason = f"rank {value.partition(':')[2]} reported a failure"
+            try:
+                first = store.get(ABORT_KEY).decode()
+            except Exception:  # noqa: BLE001 - the wake key's rank, then
+                first = value.partition(":")[2]
+            reason = f"rank {first} reported a failure"
         if reason is None or self._disarmed.wait(self.grace_s):
             return  # the fit ended (teardown) within the grace: the normal path of a failure
         self.reason = reason

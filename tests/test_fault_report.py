@@ -97,6 +97,28 @@ def test_board_and_watchdog_in_a_real_world() -> None:
     assert all(res["stop_ends_thread"] == (True, True) for res in results)
 
 
+def test_a_late_watchdog_names_the_first_failure_not_the_last() -> None:
+    """Rank 2 fails, then rank 1 (a consequence) posts too and overwrites the watchdogs' wake keys.
+    A watchdog that only wakes after both posts (a busy machine) must still name rank 2: the race
+    that made test_board_and_watchdog_in_a_real_world read "rank 1 reported a failure" once in CI."""
+    import torch.distributed as dist
+
+    from lightning_parallelctx.faults import FaultBoard, make_record
+    from lightning_parallelctx.rendezvous import find_free_port
+    from lightning_parallelctx.watchdog import Watchdog
+
+    port = find_free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    board = FaultBoard("127.0.0.1", port, "late/", 3)
+    assert board.post(make_record(2, ValueError("boom"), {})).order == 1
+    assert board.post(make_record(1, RuntimeError("Connection closed by peer"), {})).order == 2
+    fired: list[int] = []
+    dog = Watchdog("127.0.0.1", port, "late/", 0, grace_s=0.2, exit_fn=fired.append).start()
+    dog.join(10.0)
+    assert fired == [1] and dog.reason == "rank 2 reported a failure", (fired, dog.reason)
+    del server
+
+
 def _hung_fit(rank: int, world_size: int) -> None:
     import lightning.pytorch as pl
     import torch
